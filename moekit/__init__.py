@@ -1,0 +1,28 @@
+"""moekit: upcycle dense Hugging Face vision-language models into sparse Mixture-of-Experts models.
+
+import moekit
+model = moekit.upcycle(dense, moekit.UpcycleSpec(layers="interval:4", num_experts=4, top_k=2))
+model.save_pretrained("out")
+model = moekit.load("out")   # or AutoModelForImageTextToText.from_pretrained("out") after `import moekit`
+"""
+
+from moekit._version import __version__
+from moekit.modeling.classes import register_known_families
+from moekit.modeling.load import load
+from moekit.moe import RouterLosses, RoutingStats, router_losses
+from moekit.upcycle import ArchOverride, ExpertSpec, RouterSpec, UpcycleSpec, upcycle
+
+register_known_families()
+
+__all__ = [
+    "ArchOverride",
+    "ExpertSpec",
+    "RouterLosses",
+    "RouterSpec",
+    "RoutingStats",
+    "UpcycleSpec",
+    "__version__",
+    "load",
+    "router_losses",
+    "upcycle",
+]

@@ -1,0 +1,65 @@
+"""`moekit inspect`: layer map, experts, top-k and total vs activated parameters, from config alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moekit.cli.common import fail_on_errors
+
+
+@fail_on_errors
+def inspect(
+    path: Path = typer.Argument(..., help="checkpoint directory or config.json (weights are never read)"),
+    layers: str = typer.Option(None, "--layers", help="for a dense config: project this MoE layout, e.g. interval:4"),
+    num_experts: int = typer.Option(4, "--num-experts", help="experts per MoE layer for --layers"),
+    top_k: int = typer.Option(2, "--top-k", help="experts per token for --layers"),
+    shared_expert: bool = typer.Option(False, "--shared-expert", help="add a shared expert for --layers"),
+) -> None:
+    """Show a model's layer map (dense / MoE) and its total vs activated parameters."""
+    from moekit.accounting import account, billions
+    from moekit.arch import resolve_arch
+    from moekit.modeling.meta_model import meta_model, read_config
+    from moekit.upcycle import UpcycleSpec, upcycle
+
+    config = read_config(path)
+    model = meta_model(config)
+    kind = config.model_type
+    meta = getattr(config, "moekit", None)
+    dense = None
+    if meta is None:
+        adapter = resolve_arch(model)
+        dense = account(model, adapter.layers, adapter.mlp)
+        if layers:
+            spec = UpcycleSpec(layers=layers, num_experts=num_experts, top_k=top_k, shared_expert=shared_expert)
+            model = upcycle(model, spec)
+            meta = model.config.moekit
+    else:
+        adapter = resolve_arch(model)
+    result = account(model, adapter.layers, adapter.mlp)
+    console = Console()
+    console.print(
+        f"[bold]{path}[/bold]  model type [cyan]{kind}[/cyan], {len(result.layers)} decoder layers at {adapter.layers}"
+    )
+    console.print(
+        "layer map: " + "".join("M" if r.kind == "moe" else "." for r in result.layers) + "   (M = MoE, . = dense)"
+    )
+    if meta is not None:
+        spec = meta["spec"]
+        console.print(
+            f"MoE layers {result.moe_layers}: {spec['num_experts']} experts {meta.get('experts')}, top-{spec['top_k']}"
+            + (", shared expert" if spec.get("shared_expert") else "")
+        )
+    table = Table("", "total", "activated")
+    if dense is not None:
+        table.add_row("dense", billions(dense.total), billions(dense.active))
+    if meta is not None:
+        table.add_row("MoE", billions(result.total), billions(result.active))
+        if dense is not None:
+            table.add_row(
+                "increment", "+" + billions(result.total - dense.total), "+" + billions(result.active - dense.active)
+            )
+    console.print(table)

@@ -1,0 +1,1 @@
+"""moekit's transformers classes, their registration with the Auto classes, and loading."""

@@ -1,0 +1,118 @@
+"""moekit's model and config classes: one pair per dense family, registered with transformers' Auto classes.
+
+`MoekitQwen2_5_VLForConditionalGeneration` is the stock dense class with the FFNs of the recorded layers
+replaced by MoE blocks. Its config has model type `moekit_<base>` so that transformers without moekit refuses
+the checkpoint instead of loading it as the dense model.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+from moekit.arch.families import FAMILIES
+from moekit.io.atomic import atomic_dir
+from moekit.modeling.structure import guard_key, guard_pattern, init_block, install_blocks, new_context
+from moekit.moe import MoeBlock
+from moekit.moe.context import attach_context
+
+PREFIX = "moekit_"
+
+
+def moe_model_type(base_model_type: str) -> str:
+    return PREFIX + base_model_type
+
+
+class MoekitModelMixin:
+    """What a moekit class adds to the stock dense class it derives from."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        meta = config.moekit
+        # The stock dense classes cannot take transformers' experts_implementation switch, so moekit keeps its
+        # own (see set_experts_implementation); the default is grouped_mm where torch has the kernel.
+        context = new_context(meta)
+        attach_context(self, context)
+        std = getattr(config.get_text_config(), "initializer_range", 0.02) or 0.02
+        for block in install_blocks(self, meta, context).values():
+            init_block(block, std)
+        self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
+            guard_pattern(meta)
+        }
+
+    def set_experts_implementation(self, experts_implementation: str | dict) -> None:
+        """Choose how the routed experts run: `eager`, `grouped_mm` or `batched_mm` (transformers' kernels)."""
+        name = experts_implementation if isinstance(experts_implementation, str) else experts_implementation.get("")
+        self._moekit_context.settings.set(name)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, state_dict: dict | None = None, **kwargs: Any):
+        """Save like transformers, atomically, with the moekit metadata and the dense-refusal guard."""
+        from moekit import __version__
+
+        self.config.moekit = {**self.config.moekit, "version": __version__}
+        state = dict(self.state_dict() if state_dict is None else state_dict)
+        reference = next(p for p in self.parameters())
+        state[guard_key(self.config.moekit)] = torch.zeros(0, dtype=reference.dtype)
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
+        with atomic_dir(save_directory) as tmp:
+            return super().save_pretrained(tmp, *args, state_dict=state, **kwargs)
+
+    def moe_blocks(self) -> list[MoeBlock]:
+        return [m for m in self.modules() if isinstance(m, MoeBlock)]
+
+
+def _auto_kind(base_model_type: str, base_config_cls) -> str:
+    if base_model_type in FAMILIES:
+        return FAMILIES[base_model_type].auto
+    return "image-text-to-text" if "vision_config" in getattr(base_config_cls, "sub_configs", {}) else "causal-lm"
+
+
+@cache
+def moekit_classes(base_model_type: str) -> tuple[type, type]:
+    """The (config class, model class) pair for a dense family, created and registered on first use."""
+    if base_model_type not in CONFIG_MAPPING:
+        raise ValueError(f"transformers {__import__('transformers').__version__} has no model type {base_model_type!r}")
+    base_config = CONFIG_MAPPING[base_model_type]
+    kind = _auto_kind(base_model_type, base_config)
+    mapping, auto = (
+        (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoModelForImageTextToText)
+        if kind == "image-text-to-text"
+        else (MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM)
+    )
+    base_model = mapping.get(base_config, None)
+    if base_model is None:
+        raise ValueError(f"{base_model_type!r} has no {auto.__name__} class in transformers; moekit cannot wrap it")
+    model_type = moe_model_type(base_model_type)
+    config_cls = type(
+        f"Moekit{base_config.__name__}", (base_config,), {"model_type": model_type, "__module__": __name__}
+    )
+    model_cls = type(
+        f"Moekit{base_model.__name__}",
+        (MoekitModelMixin, base_model),
+        {"config_class": config_cls, "__module__": __name__},
+    )
+    # Saved keys follow the dense family's own naming (legacy renames included), so conversion and
+    # streaming output agree with what the dense class writes.
+    conversions = get_checkpoint_conversion_mapping(base_model.__name__) or get_checkpoint_conversion_mapping(
+        base_model_type
+    )
+    if conversions is not None:
+        register_checkpoint_conversion_mapping(model_cls.__name__, conversions, overwrite=True)
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    auto.register(config_cls, model_cls, exist_ok=True)
+    return config_cls, model_cls
+
+
+def register_known_families() -> None:
+    """Register every family in the table so `Auto*.from_pretrained` works right after `import moekit`."""
+    for base_model_type in FAMILIES:
+        if base_model_type in CONFIG_MAPPING:
+            moekit_classes(base_model_type)

@@ -1,0 +1,164 @@
+"""In-memory upcycling: `moekit.upcycle(model, spec)` replaces the chosen FFNs with MoE blocks."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
+from moekit.modeling.structure import FORMAT_VERSION, install_blocks, new_context
+from moekit.moe import MoeBlock
+from moekit.moe.context import attach_context
+from moekit.upcycle.layout import resolve_layers
+from moekit.upcycle.router_init import prototype_router_weights
+from moekit.upcycle.sources import ExpertSource, as_source, check_shapes, perturb
+from moekit.upcycle.spec import UpcycleSpec
+
+
+def build_meta(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, str]) -> dict[str, Any]:
+    """The `config.moekit` record: everything needed to rebuild the MoE layout, plus provenance."""
+    from moekit import __version__
+
+    return {
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "base_model_type": adapter.model_type,
+        "auto": adapter.auto,
+        "num_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "intermediate_size": adapter.intermediate_size,
+        "biased": adapter.biased,
+        "layers": layers,
+        "arch": adapter.to_dict(),
+        "spec": spec.model_dump(mode="json"),
+        "experts": spec.expert_names,
+        "sources": sources,
+    }
+
+
+def _resolve_sources(
+    model: nn.Module, spec: UpcycleSpec, adapter: ArchAdapter, sources: Mapping[str, Any], layers: list[int]
+) -> list[ExpertSource | None]:
+    """One source per expert (None = copy of the base FFN), every shape checked against the base first."""
+    unknown = sorted(set(sources) - set(spec.expert_names))
+    if unknown:
+        raise ValueError(f"sources given for unknown experts {unknown}; the spec's experts are {spec.expert_names}")
+    resolved: list[ExpertSource | None] = []
+    for expert in spec.experts:
+        if expert.name in sources:
+            resolved.append(as_source(sources[expert.name], adapter, expert.name))
+        elif expert.source == "base":
+            resolved.append(None)
+        else:
+            from moekit.io.sources import checkpoint_source
+
+            resolved.append(checkpoint_source(expert.source, adapter, expert.name, lora_scale=expert.lora_scale))
+    for layer in layers:
+        reference = ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn)
+        for source in resolved:
+            if source is not None:
+                check_shapes(reference, source.tensors(layer), f"{source.description}, layer {layer}")
+    return resolved
+
+
+def _swap_classes(model: nn.Module, adapter: ArchAdapter, meta: dict[str, Any]) -> None:
+    """Make the model an instance of moekit's class for its family, in place.
+
+    Rebuilding a fresh instance would hold two copies of the model; the moekit class adds only methods to the
+    stock class, so swapping `__class__` on the existing objects is safe.
+    """
+    from moekit.modeling.classes import moekit_classes
+
+    config_cls, model_cls = moekit_classes(adapter.model_type)
+    model.config.__class__ = config_cls
+    model.config.moekit = meta
+    model.__class__ = model_cls
+
+
+@torch.no_grad()
+def upcycle(
+    model: nn.Module,
+    spec: UpcycleSpec | Mapping[str, Any],
+    sources: Mapping[str, nn.Module | Mapping[str, torch.Tensor]] | None = None,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Turn the chosen decoder FFNs of `model` into MoE blocks, in place, and return the model.
+
+    Args:
+        model: a dense transformers model (any family in `moekit.arch.FAMILIES`, or another with `spec.arch`).
+        spec: an `UpcycleSpec` (or a dict of its fields).
+        sources: in-memory FFN sources by expert name: a model of the same family or a state dict. Experts not
+            named here use their spec `source` ("base" = copy of this model's FFN, or a checkpoint path).
+        calibration: batches (model inputs) for `router.init == "prototype"`.
+
+    Every check (layers, shapes, sources) runs before the model is modified.
+    """
+    if not isinstance(spec, UpcycleSpec):
+        from moekit.config import parse_config
+
+        spec = parse_config(UpcycleSpec, dict(spec), source="UpcycleSpec")
+    if getattr(model.config, "moekit", None) is not None:
+        raise ValueError("this model is already an MoE model made by moekit; upcycle its dense base instead")
+    adapter = resolve_arch(model, spec.arch)
+    layers = resolve_layers(spec.layers, adapter.num_layers)
+    resolved = _resolve_sources(model, spec, adapter, sources or {}, layers)
+    prototypes = None
+    if spec.router.init == "prototype":
+        prototypes = prototype_router_weights(model, adapter, layers, spec, calibration)
+    elif spec.router.init == "zeros":
+        warnings.warn(
+            "router.init=zeros: every expert scores the same at first, so top-k ties break towards the lowest "
+            "expert indices until training moves the router; use 'normal' or 'prototype' to avoid that",
+            stacklevel=2,
+        )
+    descriptions = {e.name: (s.description if s is not None else "base") for e, s in zip(spec.experts, resolved)}
+    meta = build_meta(spec, adapter, layers, descriptions)
+    dense = {layer: ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn) for layer in layers}
+    context = new_context(meta)
+    blocks = install_blocks(model, meta, context)
+    for layer, block in blocks.items():
+        _fill_block(block, layer, spec, resolved, dense.pop(layer))
+        _init_router(block, layer, spec, prototypes)
+    _swap_classes(model, adapter, meta)
+    attach_context(model, context)
+    return model
+
+
+def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, base: dict[str, torch.Tensor]) -> None:
+    experts = block.experts
+    for index, (expert, source) in enumerate(zip(spec.experts, sources)):
+        tensors = base if source is None else source.tensors(layer)
+        seed = expert.seed if expert.seed is not None else spec.seed + index
+        generator = torch.Generator().manual_seed(seed * 100_003 + layer)
+        tensors = perturb(
+            tensors,
+            noise_scale=expert.noise_scale,
+            reinit_ratio=expert.reinit_ratio,
+            gated=experts.gated,
+            generator=generator,
+        )
+        experts.up_weight[index].copy_(tensors["up"])
+        experts.down_proj[index].copy_(tensors["down"])
+        if experts.biased:
+            experts.up_bias[index].copy_(tensors.get("up_bias", torch.zeros_like(experts.up_bias[index])))
+            experts.down_proj_bias[index].copy_(
+                tensors.get("down_bias", torch.zeros_like(experts.down_proj_bias[index]))
+            )
+
+
+def _init_router(block: MoeBlock, layer: int, spec: UpcycleSpec, prototypes: dict[int, torch.Tensor] | None) -> None:
+    weight = block.gate.weight
+    if spec.router.init == "zeros":
+        weight.zero_()
+        return
+    generator = torch.Generator().manual_seed(spec.seed * 7919 + layer)
+    weight.copy_(torch.randn(weight.shape, generator=generator) * spec.router.std)
+    if prototypes is not None:
+        rows = prototypes[layer]
+        for index, row in enumerate(rows):
+            if row is not None:
+                weight[index].copy_(row)

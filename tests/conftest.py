@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import moekit  # noqa: E402  (registers the moekit model classes)
+from moekit.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
+
+VLM_FAMILIES = [f for f in FAMILIES if f not in ("qwen2", "qwen3", "llama", "mistral", "phi", "phi3")]
+
+
+def family_inputs(family: str) -> list[tuple[str, dict]]:
+    """Every input kind a tiny model of `family` takes: text, image (VLMs), video (video families)."""
+    kinds = ["text"] + (["image"] if family in VLM_FAMILIES else []) + (["video"] if family in VIDEO_FAMILIES else [])
+    return [(kind, tiny_inputs(family, kind, seed=3)) for kind in kinds]
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture(scope="session")
+def qwen_moe_dir(tmp_path_factory):
+    """A saved tiny Qwen2.5-VL MoE checkpoint (4 layers, experts at 0 and 2) with its reference logits."""
+    model = tiny_model("qwen2_5_vl")
+    moe = moekit.upcycle(model, moekit.UpcycleSpec(layers="interval:2", num_experts=3, top_k=2))
+    batch = tiny_inputs("qwen2_5_vl", "image", seed=3)
+    out = tmp_path_factory.mktemp("ckpt") / "qwen-moe"
+    moe.save_pretrained(out)
+    return out, batch, logits(moe, batch)

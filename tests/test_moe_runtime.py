@@ -1,0 +1,172 @@
+"""Router, fused experts, block, losses and routing statistics, checked against hand-computed references."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.moe import MoeBlock, MoeContext, RoutingStats, TopKRouter, load_balancing_loss, router_z_loss
+from moekit.moe.context import IMAGE, TEXT, VIDEO
+from moekit.moe.experts import ExpertsSettings, make_experts
+
+
+def test_router_keeps_top_k_and_renormalises():
+    torch.manual_seed(0)
+    router = TopKRouter(8, num_experts=4, top_k=2)
+    nn.init.normal_(router.weight)
+    x = torch.randn(10, 8)
+    logits, weights, index = router(x)
+    probs = torch.softmax(x @ router.weight.T, dim=-1)
+    expected_index = probs.argsort(dim=-1, descending=True)[:, :2]
+    assert torch.equal(index, expected_index)
+    expected = probs.gather(1, expected_index)
+    torch.testing.assert_close(weights, expected / expected.sum(-1, keepdim=True))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(10))
+
+
+def test_router_rejects_top_k_above_experts():
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
+        TopKRouter(8, 4, 5)
+
+
+def _reference_expert(x, up, down, gated, act, up_bias=None, down_bias=None):
+    h = F.linear(x, up, up_bias)
+    if gated:
+        gate, upv = h.chunk(2, dim=-1)
+        h = act(gate) * upv
+    else:
+        h = act(h)
+    return F.linear(h, down, down_bias)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_match_per_token_reference(gated, biased, impl):
+    torch.manual_seed(1)
+    E, H, I, T, k = 4, 16, 24, 37, 2
+    settings = ExpertsSettings(impl)
+    experts = make_experts(settings, E, H, I, nn.SiLU() if gated else nn.GELU(), gated=gated, biased=biased)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(T, H)
+    index = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    weights = torch.rand(T, k)
+    out = experts(x, index, weights)
+    expected = torch.zeros(T, H)
+    for t in range(T):
+        for j in range(k):
+            e = index[t, j]
+            ub = experts.up_bias[e] if biased else None
+            db = experts.down_proj_bias[e] if biased else None
+            expected[t] += weights[t, j] * _reference_expert(
+                x[t], experts.up_weight[e], experts.down_proj[e], gated, experts.act_fn, ub, db
+            )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_gradients_match_eager():
+    torch.manual_seed(2)
+    grads = {}
+    for impl in ("eager", "grouped_mm"):
+        torch.manual_seed(2)
+        block = MoeBlock(
+            MoeContext(settings=ExpertsSettings(impl)),
+            hidden_size=16,
+            intermediate_size=32,
+            num_experts=4,
+            top_k=2,
+            act=nn.SiLU(),
+            gated=True,
+            biased=False,
+        )
+        for p in block.parameters():
+            nn.init.normal_(p, std=0.3)
+        x = torch.randn(2, 9, 16, requires_grad=True)
+        (block(x) * torch.linspace(0, 1, 16)).sum().backward()
+        grads[impl] = [x.grad] + [p.grad for p in block.parameters()]
+    for a, b in zip(grads["eager"], grads["grouped_mm"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_block_with_identical_experts_is_the_dense_ffn():
+    torch.manual_seed(3)
+    H, I = 16, 32
+    gate, up, down = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False), nn.Linear(I, H, bias=False)
+    block = MoeBlock(
+        MoeContext(),
+        hidden_size=H,
+        intermediate_size=I,
+        num_experts=3,
+        top_k=2,
+        act=nn.SiLU(),
+        gated=True,
+        biased=False,
+    )
+    nn.init.normal_(block.gate.weight)
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(torch.cat([gate.weight, up.weight])[None].expand(3, -1, -1))
+        block.experts.down_proj.copy_(down.weight[None].expand(3, -1, -1))
+    x = torch.randn(2, 5, H)
+    torch.testing.assert_close(block(x), down(F.silu(gate(x)) * up(x)), atol=1e-6, rtol=1e-5)
+    assert block.last_router_logits.shape == (10, 3)
+
+
+def test_balance_loss_is_one_when_balanced_and_m_when_collapsed():
+    M = 4
+    balanced = torch.eye(M).repeat(8, 1) * 5.0  # each expert is argmax for a quarter of the tokens
+    assert load_balancing_loss(balanced).item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = torch.zeros(32, M)
+    collapsed[:, 2] = 100.0
+    assert load_balancing_loss(collapsed).item() == pytest.approx(M, rel=1e-4)
+
+
+def test_balance_loss_matches_the_formula():
+    torch.manual_seed(4)
+    logits = torch.randn(50, 5)
+    probs = logits.softmax(-1)
+    frac = torch.bincount(probs.argmax(-1), minlength=5).float() / 50
+    expected = 5 * (frac * probs.mean(0)).sum()
+    assert load_balancing_loss(logits).item() == pytest.approx(expected.item(), rel=1e-6)
+    top = probs.topk(2, dim=-1).indices
+    frac_k = torch.bincount(top.reshape(-1), minlength=5).float() / 100
+    assert load_balancing_loss(logits, top, kind="switch_topk").item() == pytest.approx(
+        5 * (frac_k * probs.mean(0)).sum().item(), rel=1e-6
+    )
+    valid = torch.arange(50) < 20
+    assert load_balancing_loss(logits, valid=valid).item() == pytest.approx(
+        load_balancing_loss(logits[:20]).item(), rel=1e-6
+    )
+
+
+def test_z_loss_matches_logsumexp_squared():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = ((torch.log(torch.tensor(2.0))) ** 2 + torch.logsumexp(torch.tensor([1.0, 2.0]), 0) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_context_marks_token_kinds_and_3d_samples():
+    context = MoeContext(image_token_ids=(9,), video_token_ids=(8,))
+    ids = torch.tensor([[1, 9, 9, 2], [8, 8, 3, 0]])
+    context.sample_modalities = [None, "3d"]
+    context.observe(ids, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    assert context.token_kinds.tolist() == [TEXT, IMAGE, IMAGE, TEXT, 3, 3, TEXT, TEXT]
+    assert context.valid.tolist() == [True] * 7 + [False]
+
+
+def test_routing_stats_accumulate_per_kind(tmp_path):
+    stats = RoutingStats(["a", "b", "c"])
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    index = torch.tensor([[0], [1], [2], [0]])
+    kinds = torch.tensor([TEXT, IMAGE, VIDEO, TEXT])
+    for _ in range(3):
+        stats.record(0, logits, index, kinds, torch.tensor([True, True, True, False]))
+    assert stats.counts[0][TEXT].tolist() == [3, 0, 0]
+    assert stats.counts[0][IMAGE].tolist() == [0, 3, 0]
+    assert stats.shares()["video"] == [0.0, 0.0, 1.0]
+    stats.to_json(tmp_path / "routes.json")
+    data = json.loads((tmp_path / "routes.json").read_text())
+    assert data["layers"]["0"]["text"]["tokens"] == 3
+    assert data["experts"] == ["a", "b", "c"]
