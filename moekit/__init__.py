@@ -7,6 +7,7 @@ model = moekit.load("out")   # or AutoModelForImageTextToText.from_pretrained("o
 """
 
 from moekit._version import __version__
+from moekit.hooks import Component, hookimpl
 from moekit.modeling.classes import register_known_families
 from moekit.modeling.load import load
 from moekit.moe import RouterLosses, RoutingStats, router_losses
@@ -16,12 +17,14 @@ register_known_families()
 
 __all__ = [
     "ArchOverride",
+    "Component",
     "ExpertSpec",
     "RouterLosses",
     "RouterSpec",
     "RoutingStats",
     "UpcycleSpec",
     "__version__",
+    "hookimpl",
     "load",
     "router_losses",
     "upcycle",
