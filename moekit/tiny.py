@@ -7,6 +7,7 @@ downloaded.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -269,3 +270,38 @@ def tiny_inputs(family: str, kind: str = "text", seed: int = 0, text_len: int = 
     if family in ("gemma3", "paligemma"):
         batch["token_type_ids"] = (ids == IMAGE_ID).long()[None]
     return batch
+
+
+def write_tiny_checkpoint(
+    out: str | Path, family: str = "qwen2_5_vl", specialists: list[str] = (), seed: int = 0, shift: float = 0.02
+) -> dict[str, Path]:
+    """Write a tiny random dense checkpoint to `out/base` and, for each name in `specialists`, an FFN-only
+    checkpoint `out/<name>` that stands in for a stage 1-2 specialist (the base FFNs plus a small random shift
+    of relative size `shift`), keyed exactly as the dense checkpoint names them. Returns the folders."""
+    from safetensors.torch import save_file
+
+    from moekit.arch import ffn_state_keys, resolve_arch
+    from moekit.io.names import KeyNames
+
+    out = Path(out)
+    model = tiny_model(family, seed=seed)
+    paths = {"base": out / "base"}
+    model.save_pretrained(paths["base"])
+    adapter = resolve_arch(model)
+    names = KeyNames(model)
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name in specialists:
+        tensors = {}
+        for layer in range(adapter.num_layers):
+            for keys in ffn_state_keys(adapter.ffn, adapter.ffn_prefix(layer)).values():
+                for key in keys:
+                    if key in state:
+                        w = state[key]
+                        noise = torch.randn(w.shape, generator=generator) * shift * w.std()
+                        tensors[names.saved(key)] = (w + noise).contiguous()
+        paths[name] = out / name
+        paths[name].mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(paths[name] / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(paths[name])
+    return paths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import inspect_cmd
+from moekit.cli import inspect_cmd, tiny_cmd, upcycle_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -13,7 +13,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("tiny")(tiny_cmd.tiny)
 
 
 @app.command("version")

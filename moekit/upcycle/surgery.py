@@ -13,9 +13,10 @@ from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
 from moekit.modeling.structure import FORMAT_VERSION, install_blocks, new_context
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
+from moekit.upcycle.init import expert_tensors, router_weight
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.router_init import prototype_router_weights
-from moekit.upcycle.sources import ExpertSource, as_source, check_shapes, perturb
+from moekit.upcycle.sources import ExpertSource, ModuleSource, as_source, check_shapes
 from moekit.upcycle.spec import UpcycleSpec
 
 
@@ -41,22 +42,33 @@ def build_meta(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sourc
 
 
 def _resolve_sources(
-    model: nn.Module, spec: UpcycleSpec, adapter: ArchAdapter, sources: Mapping[str, Any], layers: list[int]
+    model: nn.Module,
+    spec: UpcycleSpec,
+    adapter: ArchAdapter,
+    sources: Mapping[str, Any],
+    layers: list[int],
+    allow_pickle: bool,
 ) -> list[ExpertSource | None]:
     """One source per expert (None = copy of the base FFN), every shape checked against the base first."""
     unknown = sorted(set(sources) - set(spec.expert_names))
     if unknown:
         raise ValueError(f"sources given for unknown experts {unknown}; the spec's experts are {spec.expert_names}")
     resolved: list[ExpertSource | None] = []
+    names = None  # checkpoint key names, built on first use
     for expert in spec.experts:
         if expert.name in sources:
             resolved.append(as_source(sources[expert.name], adapter, expert.name))
         elif expert.source == "base":
             resolved.append(None)
         else:
+            from moekit.io.names import KeyNames
             from moekit.io.sources import checkpoint_source
 
-            resolved.append(checkpoint_source(expert.source, adapter, expert.name, lora_scale=expert.lora_scale))
+            names = names or KeyNames(model)
+            base = ModuleSource(model, adapter, "base")
+            resolved.append(
+                checkpoint_source(expert.source, adapter, expert.name, names, base, expert.lora_scale, allow_pickle)
+            )
     for layer in layers:
         reference = ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn)
         for source in resolved:
@@ -85,6 +97,7 @@ def upcycle(
     spec: UpcycleSpec | Mapping[str, Any],
     sources: Mapping[str, nn.Module | Mapping[str, torch.Tensor]] | None = None,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Turn the chosen decoder FFNs of `model` into MoE blocks, in place, and return the model.
 
@@ -94,6 +107,7 @@ def upcycle(
         sources: in-memory FFN sources by expert name: a model of the same family or a state dict. Experts not
             named here use their spec `source` ("base" = copy of this model's FFN, or a checkpoint path).
         calibration: batches (model inputs) for `router.init == "prototype"`.
+        allow_pickle: let checkpoint sources be `.bin`/`.pt` files (read with `weights_only=True`).
 
     Every check (layers, shapes, sources) runs before the model is modified.
     """
@@ -105,7 +119,7 @@ def upcycle(
         raise ValueError("this model is already an MoE model made by moekit; upcycle its dense base instead")
     adapter = resolve_arch(model, spec.arch)
     layers = resolve_layers(spec.layers, adapter.num_layers)
-    resolved = _resolve_sources(model, spec, adapter, sources or {}, layers)
+    resolved = _resolve_sources(model, spec, adapter, sources or {}, layers, allow_pickle)
     prototypes = None
     if spec.router.init == "prototype":
         prototypes = prototype_router_weights(model, adapter, layers, spec, calibration)
@@ -130,17 +144,9 @@ def upcycle(
 
 def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, base: dict[str, torch.Tensor]) -> None:
     experts = block.experts
-    for index, (expert, source) in enumerate(zip(spec.experts, sources)):
+    for index, source in enumerate(sources):
         tensors = base if source is None else source.tensors(layer)
-        seed = expert.seed if expert.seed is not None else spec.seed + index
-        generator = torch.Generator().manual_seed(seed * 100_003 + layer)
-        tensors = perturb(
-            tensors,
-            noise_scale=expert.noise_scale,
-            reinit_ratio=expert.reinit_ratio,
-            gated=experts.gated,
-            generator=generator,
-        )
+        tensors = expert_tensors(spec, index, layer, tensors, experts.gated)
         experts.up_weight[index].copy_(tensors["up"])
         experts.down_proj[index].copy_(tensors["down"])
         if experts.biased:
@@ -152,11 +158,7 @@ def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, b
 
 def _init_router(block: MoeBlock, layer: int, spec: UpcycleSpec, prototypes: dict[int, torch.Tensor] | None) -> None:
     weight = block.gate.weight
-    if spec.router.init == "zeros":
-        weight.zero_()
-        return
-    generator = torch.Generator().manual_seed(spec.seed * 7919 + layer)
-    weight.copy_(torch.randn(weight.shape, generator=generator) * spec.router.std)
+    weight.copy_(router_weight(spec, layer, weight.shape[1]))
     if prototypes is not None:
         rows = prototypes[layer]
         for index, row in enumerate(rows):
