@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import inspect_cmd, tiny_cmd, upcycle_cmd
+from moekit.cli import export_cmd, inspect_cmd, tiny_cmd, upcycle_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("tiny")(tiny_cmd.tiny)
+app.command("export")(export_cmd.export)
 
 
 @app.command("version")

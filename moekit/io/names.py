@@ -23,7 +23,7 @@ class KeyNames:
         conversions = [
             c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)
         ]
-        self._probe = _Probe(model.config, conversions) if conversions else None
+        self._probe = _Probe(model, conversions) if conversions else None
         self._saved = cache(self._revert)
 
     def _revert(self, key: str) -> str:
@@ -46,9 +46,12 @@ class KeyNames:
 
 
 class _Probe:
-    """Stands in for the model in `revert_weight_conversion` with a precomputed conversion list (computing it
-    walks every module, which would make per-key lookups slow)."""
+    """Stands in for `model` in `revert_weight_conversion` with a precomputed conversion list (computing it
+    walks every module, which would make per-key lookups slow); everything else is the model's."""
 
-    def __init__(self, config, conversions):
-        self.config = config
+    def __init__(self, model: nn.Module, conversions: list):
+        self._model = model
         self._weight_conversions = conversions
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
