@@ -116,3 +116,11 @@ def test_bf16_round_trip(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     batch = tiny_inputs("qwen3")
     torch.testing.assert_close(logits(loaded, batch), logits(again, batch), atol=0, rtol=0)
+
+
+def test_flash_attention_falls_back_to_sdpa_with_the_extra_named(qwen_moe_dir):
+    path, batch, expected = qwen_moe_dir
+    with pytest.warns(UserWarning, match=r'pip install "moekit\[flash\]"|needs a CUDA device'):
+        model = moekit.load(path, attn_implementation="flash_attention_2")
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moekit.modeling.attention import resolve_attn_implementation
 from moekit.modeling.classes import PREFIX, moekit_classes
 
 
@@ -38,6 +39,8 @@ def load(path: str | Path, *, experts_implementation: str | None = None, **kwarg
     """
     meta = read_meta(path)
     _, model_cls = moekit_classes(meta["base_model_type"])
+    if "attn_implementation" in kwargs:
+        kwargs["attn_implementation"] = resolve_attn_implementation(kwargs["attn_implementation"])
     kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
     model, info = model_cls.from_pretrained(str(path), **kwargs)
     missing = sorted(info.get("missing_keys") or ())
