@@ -185,3 +185,35 @@ def test_upcycling_twice_is_refused():
     moe = moekit.upcycle(tiny_model("llama"), moekit.UpcycleSpec(layers=[0], num_experts=2, top_k=1))
     with pytest.raises(ValueError, match="already an MoE model"):
         moekit.upcycle(moe, moekit.UpcycleSpec(layers=[1], num_experts=2, top_k=1))
+
+
+def test_calibrate_router_after_conversion_sets_prototype_rows():
+    from moekit.upcycle.router_init import calibrate_router
+
+    family = "qwen2_5_vl"
+    spec = moekit.UpcycleSpec(
+        layers=[1, 3],
+        experts=[{"name": "image"}, {"name": "video"}, {"name": "other"}],
+        top_k=1,
+        router={"prototype_scale": 20.0},
+    )
+    moe = moekit.upcycle(tiny_model(family), spec)
+    before = moe.model.language_model.layers[1].mlp.gate.weight.clone()
+    calibration = [tiny_inputs(family, k, seed=s) for k in ("image", "video", "text") for s in range(2)]
+    captured = []
+    handle = moe.model.language_model.layers[3].mlp.register_forward_pre_hook(
+        lambda m, a: captured.append(a[0][0].detach())
+    )
+    with torch.no_grad():
+        for batch in calibration:
+            moe(**batch)
+    handle.remove()
+    updated = calibrate_router(moe, calibration)
+    assert updated == {1: ["image", "video"], 3: ["image", "video"]}
+    hidden = torch.cat(captured).double()
+    ids = torch.cat([b["input_ids"][0] for b in calibration])
+    direction = hidden[ids == 311].mean(0) - hidden.mean(0)
+    router = moe.model.language_model.layers[3].mlp.gate.weight
+    torch.testing.assert_close(router[1].double(), 20 * direction / direction.norm(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(moe.model.language_model.layers[1].mlp.gate.weight[2], before[2])
+    assert moe.config.moekit["router_calibration"]["experts"] == ["image", "video"]

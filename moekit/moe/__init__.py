@@ -1,7 +1,7 @@
 """The MoE runtime: router, fused experts, the block, router losses and routing statistics."""
 
 from moekit.moe.block import MoeBlock
-from moekit.moe.context import TOKEN_KINDS, MoeContext
+from moekit.moe.context import TOKEN_KINDS, MoeContext, get_context
 from moekit.moe.experts import ExpertsSettings, make_experts
 from moekit.moe.losses import RouterLosses, load_balancing_loss, moe_blocks, router_losses, router_z_loss
 from moekit.moe.router import TopKRouter
@@ -17,6 +17,7 @@ __all__ = [
     "TopKRouter",
     "load_balancing_loss",
     "make_experts",
+    "get_context",
     "moe_blocks",
     "router_losses",
     "router_z_loss",

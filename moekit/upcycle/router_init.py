@@ -106,3 +106,58 @@ def prototype_router_weights(
     if not collector.sums:
         raise ValueError("the calibration batches were empty")
     return {layer: collector.rows(layer, modalities, spec.router.prototype_scale, f"layer {layer}") for layer in layers}
+
+
+@torch.no_grad()
+def calibrate_router(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], scale: float | None = None
+) -> dict[int, list[str]]:
+    """Set per-modality prototype rows in the routers of an already upcycled `model`, in place.
+
+    The prototype of each MoE layer is taken from that layer's own input while the MoE model runs, so later
+    layers see the routing of earlier ones. Experts without a modality keep their router rows. Returns, per
+    layer, the experts whose rows were set.
+    """
+    from moekit.moe import MoeBlock, get_context
+
+    meta = model.config.moekit
+    spec = meta["spec"]
+    modalities = [e.get("modality") for e in spec["experts"]]
+    if all(m is None for m in modalities):
+        raise ValueError("no expert has a modality: name experts text/image/video/3d or set `modality` in the spec")
+    scale = spec["router"].get("prototype_scale", 1.0) if scale is None else scale
+    context = get_context(model)
+    collector = PrototypeCollector()
+    blocks = {m.layer_index: m for m in model.modules() if isinstance(m, MoeBlock)}
+    handles = []
+    for layer, block in blocks.items():
+
+        def hook(module, args, layer=layer):
+            flat = args[0].reshape(-1, args[0].shape[-1])
+            kinds, valid = context.aligned(flat.shape[0])
+            collector.add(
+                layer, flat, kinds if kinds is not None else torch.zeros(flat.shape[0], dtype=torch.long), valid
+            )
+
+        handles.append(block.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            context.sample_modalities = batch.pop("sample_modalities", None)
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        context.sample_modalities = None
+    if not collector.sums:
+        raise ValueError("the calibration data produced no tokens")
+    updated = {}
+    for layer, block in blocks.items():
+        rows = collector.rows(layer, modalities, scale, f"layer {layer}")
+        updated[layer] = []
+        for index, row in enumerate(rows):
+            if row is not None:
+                block.gate.weight[index].copy_(row.to(block.gate.weight.dtype))
+                updated[layer].append(spec["experts"][index]["name"])
+    meta["router_calibration"] = {"scale": scale, "experts": sorted({n for v in updated.values() for n in v})}
+    return updated
