@@ -131,7 +131,9 @@ class CacheReport:
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if k not in IGNORED_PARAMS and old.get(k) != new.get(k)]
+    return [
+        f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in keys if k not in IGNORED_PARAMS and old.get(k) != new.get(k)
+    ]
 
 
 def _check_compatible(index: dict[str, Any], teacher: str, params: dict[str, Any], dtype: str, path: Path) -> None:

@@ -125,7 +125,7 @@ def read_samples(path: str | Path, root: str | Path | None = None) -> list[Frame
     for where, item in _items(path):
         sample = _sample(item, base, where)
         if sample.id in seen:
-            raise ValueError(f"{where}: duplicate id {sample.id!r} (first at {seen[sample.id]})")
+            raise ValueError(f"{sample.where}: duplicate id {sample.id!r} (first at {seen[sample.id]})")
         seen[sample.id] = where
         samples.append(sample)
     return samples

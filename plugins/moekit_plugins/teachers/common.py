@@ -111,7 +111,9 @@ def pool(features: torch.Tensor, mode: str, tokens: int | None = None) -> torch.
         return features.mean(dim=1, keepdim=True)
     if mode == "tokens":
         if tokens is None or tokens > features.shape[1]:
-            raise ValueError(f"pool_tokens={tokens} needs at least that many tokens; the teacher gave {features.shape[1]}")
+            raise ValueError(
+                f"pool_tokens={tokens} needs at least that many tokens; the teacher gave {features.shape[1]}"
+            )
         pooled = F.adaptive_avg_pool1d(features.transpose(1, 2).float(), tokens)
         return pooled.transpose(1, 2).to(features.dtype)
     raise ValueError(f"unknown pooling {mode!r}; choose none, mean or tokens")

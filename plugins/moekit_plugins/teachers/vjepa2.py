@@ -81,11 +81,17 @@ class VJEPA2Teacher:
         self.model = _load(params).to(self.device).eval().requires_grad_(False)
         config = self.model.config
         if params.num_frames % config.tubelet_size:
-            raise ValueError(f"num_frames={params.num_frames} must be a multiple of the tubelet size {config.tubelet_size}")
+            raise ValueError(
+                f"num_frames={params.num_frames} must be a multiple of the tubelet size {config.tubelet_size}"
+            )
         self.num_frames: int | None = params.num_frames
         self.dim: int = config.hidden_size
         self.crop: int = config.crop_size
-        self.grid = (params.num_frames // config.tubelet_size, self.crop // config.patch_size, self.crop // config.patch_size)
+        self.grid = (
+            params.num_frames // config.tubelet_size,
+            self.crop // config.patch_size,
+            self.crop // config.patch_size,
+        )
         self.mean, self.std = _mean_std(params.checkpoint)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,15 @@ class Aggregator(nn.Module):
         def blocks() -> nn.ModuleList:
             scale = LAYER_SCALE_INIT if arch.layer_scale else None
             return nn.ModuleList(
-                Block(dim, arch.num_heads, arch.mlp_ratio, eps=1e-5, layer_scale=scale, qk_norm=arch.qk_norm, rope=self.rope)
+                Block(
+                    dim,
+                    arch.num_heads,
+                    arch.mlp_ratio,
+                    eps=1e-5,
+                    layer_scale=scale,
+                    qk_norm=arch.qk_norm,
+                    rope=self.rope,
+                )
                 for _ in range(arch.depth)
             )
 
@@ -112,8 +120,6 @@ class Aggregator(nn.Module):
         pos = torch.cat([torch.zeros(self.arch.special_tokens, 2, dtype=grid.dtype, device=grid.device), grid])
         return tokens, pos.expand(batch * frames, -1, -1), (rows, cols)
 
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
     def forward(
         self, images: torch.Tensor, layers: list[int] | None = None
     ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]:
@@ -128,7 +134,9 @@ class Aggregator(nn.Module):
         depth, size = self.arch.depth, self.arch.aa_block_size
         requested = layers if layers is not None else [-1]
         if any(not -depth <= layer < depth for layer in requested):
-            raise ValueError(f"layers {requested} out of range: the aggregator has {depth} (valid -{depth}..{depth - 1})")
+            raise ValueError(
+                f"layers {requested} out of range: the aggregator has {depth} (valid -{depth}..{depth - 1})"
+            )
         wanted = {layer % depth for layer in requested}
         tokens, pos, grid = self._tokens(images)
         per_frame, dim = tokens.shape[1], tokens.shape[2]

@@ -37,10 +37,14 @@ class VGGTParams(TeacherParams):
     @pydantic.model_validator(mode="after")
     def _sizes(self) -> VGGTParams:
         if self.image_size % self.arch.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be a multiple of arch.patch_size={self.arch.patch_size}")
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of arch.patch_size={self.arch.patch_size}"
+            )
         depth = self.arch.depth
         if not -depth <= self.layer < depth:
-            raise ValueError(f"layer={self.layer} does not exist: the aggregator has {depth} (valid -{depth}..{depth - 1})")
+            raise ValueError(
+                f"layer={self.layer} does not exist: the aggregator has {depth} (valid -{depth}..{depth - 1})"
+            )
         return self
 
 
