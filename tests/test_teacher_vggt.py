@@ -190,3 +190,30 @@ def test_bad_params_are_located(tmp_path, ckpt):
         build(ckpt, image_size=30)
     with pytest.raises(ConfigError, match="unknown key"):
         build(ckpt, heads="yes")
+
+
+def test_released_sizes_give_the_released_layout():
+    from moekit_plugins.teachers.vggt.aggregator import Aggregator
+    from moekit_plugins.teachers.vggt.config import VGGTArch
+
+    with torch.device("meta"):
+        state = Aggregator(VGGTArch()).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes["patch_embed.pos_embed"] == (1, 1 + 37 * 37, 1024)  # DINOv2 ViT-L/14 at 518
+    assert shapes["register_token"] == (1, 2, 4, 1024) and shapes["camera_token"] == (1, 2, 1, 1024)
+    assert shapes["global_blocks.23.attn.k_norm.weight"] == (64,) and "global_blocks.24.ls1.gamma" not in shapes
+    assert (
+        shapes["patch_embed.blocks.23.ls2.gamma"] == (1024,) and "patch_embed.blocks.0.attn.q_norm.weight" not in shapes
+    )
+    dino = sum(v.numel() for k, v in state.items() if k.startswith("patch_embed."))
+    assert dino == 304_372_736  # ViT-L/14 with 4 registers
+    assert sum(v.numel() for v in state.values()) == 909_112_320
+
+
+def test_a_plain_patch_convolution_instead_of_dinov2(tmp_path):
+    arch = TINY_VGGT.model_copy(update={"patch_embed": "conv"})
+    file = vggt_checkpoint(tmp_path / "conv.safetensors", arch=arch)
+    params = {**TINY_VGGT_PARAMS, "arch": arch.model_dump(), "checkpoint": str(file)}
+    teacher = registry().build("teacher", "vggt", params)
+    assert "patch_embed.proj.weight" in teacher.model.state_dict()
+    assert teacher.features(TeacherBatch(frames())).features.shape == (1, 48, 32)
