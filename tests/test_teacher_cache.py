@@ -137,6 +137,9 @@ def test_reader_rebuilds_a_stale_index_from_shard_headers(dataset, teacher_setup
     (out / "index.json").unlink()
     cache = FeatureCache(out)
     assert len(cache) == 5 and cache.get("s2").shape == (4 * 12, 32)
+    stale = {"format": "moekit-teacher-cache", "version": 1, "shards": ["shard-00000.safetensors"], "samples": {}}
+    (out / "index.json").write_text(json.dumps(stale))  # as left by a crash between a shard and its index
+    assert len(FeatureCache(out)) == 5
 
 
 def test_a_cache_made_differently_is_refused_unless_overwritten(dataset, teacher_setup, tmp_path):
@@ -165,6 +168,11 @@ def test_teach_command_end_to_end(dataset, teacher_setup, tmp_path):
     assert cache.get("s").shape == (1, 32) and cache.get("s").dtype == torch.float16 and cache.dtype == "float16"
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "computed 0, already cached 5" in again.output
+    changed = CliRunner().invoke(app, [*args, "--param", "layer=0"])
+    assert changed.exit_code == 1 and "made differently: layer (-1 -> 0)" in changed.output
+    assert "teacher vggt (dim" not in changed.output  # refused before the teacher loaded
+    typo = CliRunner().invoke(app, [*args, "--param", "layres=0"])
+    assert typo.exit_code == 1 and "layres: unknown key" in typo.output
 
 
 def test_teach_command_errors_are_one_line(dataset, tmp_path):

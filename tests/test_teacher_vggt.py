@@ -217,3 +217,18 @@ def test_a_plain_patch_convolution_instead_of_dinov2(tmp_path):
     teacher = registry().build("teacher", "vggt", params)
     assert "patch_embed.proj.weight" in teacher.model.state_dict()
     assert teacher.features(TeacherBatch(frames())).features.shape == (1, 48, 32)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_unreadable_files_are_named(tmp_path, name):
+    file = tmp_path / name
+    file.write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        ValueError, match=rf"{name}: (cannot be read as a PyTorch state dict|not a readable safetensors)"
+    ):
+        load_aggregator(file, TINY_VGGT)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"no VGGT checkpoint file in this folder \(looked for model.safetensors"
+    ):
+        load_aggregator(tmp_path / "empty", TINY_VGGT)

@@ -107,6 +107,12 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     message = str(info.value)
     assert "missing keys: encoder.layer.1.mlp.fc1.weight" in message
     assert "unexpected keys: encoder.layer.9.bogus" in message
+    state["encoder.layer.1.mlp.fc1.weight"] = torch.zeros(5, 5)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"shape mismatches: encoder.layer.1.mlp.fc1.weight \(checkpoint \[5, 5\], model \[48, 24\]\)"
+    ):
+        build(folder)
 
 
 def test_bad_params_are_located(tmp_path, ckpt):

@@ -25,10 +25,10 @@ def teach(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from moekit.config import apply_overrides, load_yaml
+    from moekit.config import apply_overrides, load_yaml, parse_config
     from moekit.registry import registry
     from moekit.teachers import build_cache, read_samples
-    from moekit.teachers.cache import DTYPES
+    from moekit.teachers.cache import DTYPES, check_compatible
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -37,10 +37,12 @@ def teach(
         raise ValueError(f"{config}: expected a mapping of teacher params, got {type(params).__name__}")
     params = apply_overrides(params, param)
     samples = read_samples(data, root)  # every line checked before a teacher loads or anything is written
-    where = f"--teacher {teacher}"
-    component = registry().get("teacher", teacher, where)
-    model = registry().build("teacher", teacher, params, where=where)
-    stored = component.params.model_validate(params).model_dump(mode="json")
+    component = registry().get("teacher", teacher, where=f"--teacher {teacher}")
+    validated = parse_config(component.params, params, source=f"teacher {teacher} params (--config/--param)")
+    stored = validated.model_dump(mode="json")
+    if not overwrite:
+        check_compatible(out, teacher, stored, dtype)  # before the teacher loads
+    model = component.build(validated)
     console = Console(stderr=True)
     console.print(f"teacher [cyan]{teacher}[/cyan] (dim {model.dim}) over {len(samples)} samples -> {out}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

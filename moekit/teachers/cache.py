@@ -136,7 +136,13 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def _check_compatible(index: dict[str, Any], teacher: str, params: dict[str, Any], dtype: str, path: Path) -> None:
+def check_compatible(out: str | Path, teacher: str, params: dict[str, Any], dtype: str) -> None:
+    """Refuse, before any teacher runs, to add features to a cache that was made with another teacher, other
+    params (anything but `device`) or another dtype. A missing or empty directory is fine."""
+    path = Path(out)
+    if not path.is_dir():
+        return
+    index = _scan(path)
     if index["teacher"] is None:
         return
     problems = []
@@ -197,8 +203,8 @@ def build_cache(
         stale.unlink()
     if overwrite:
         _clear(path)
+    check_compatible(path, teacher_name, params, dtype)
     index = _scan(path)
-    _check_compatible(index, teacher_name, params, dtype, path)
     done = set(index["samples"])
     number = max((int(name[6:11]) for name in index["shards"]), default=-1) + 1
     base = {"teacher": teacher_name, "params": params, "dtype": dtype}
@@ -240,6 +246,5 @@ def build_cache(
         if on_sample:
             on_sample(sample.id, True)
     flush()
-    if not (path / INDEX).is_file() or index["shards"] != [s.name for s in _shards(path)]:
-        atomic_write_text(path / INDEX, json.dumps(_scan(path), indent=1) + "\n")
+    atomic_write_text(path / INDEX, json.dumps(_scan(path), indent=1) + "\n")  # also heals a stale index
     return CacheReport(computed, skipped, written, path)

@@ -59,14 +59,19 @@ def _load(params: VJEPA2Params):
         folder,
         local_files_only=True,
         output_loading_info=True,
+        ignore_mismatched_sizes=True,  # so that wrong shapes come back in `info` and are named below
         dtype=params.torch_dtype(),
         attn_implementation=params.attn_implementation,
     )
     # The predictor is never run, so its keys may be absent (e.g. an encoder-only export); the encoder's may not.
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("predictor."))
     unexpected = sorted(k for k in info["unexpected_keys"] if k.startswith(("encoder.", "predictor.")))
-    mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"])
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]  # fmt: skip
+    mismatched = sorted(
+        f"{k[0]} (checkpoint {list(k[1])}, model {list(k[2])})" if isinstance(k, tuple) else str(k)
+        for k in info["mismatched_keys"]
+    )
+    labels = ("missing keys", "unexpected keys", "shape mismatches")
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in zip(labels, (missing, unexpected, mismatched)) if keys]
     if problems:
         raise ValueError(f"{folder}: not a matching V-JEPA 2 checkpoint; " + "; ".join(problems))
     return model

@@ -39,20 +39,30 @@ def _select(keys: list[str], file: Path) -> tuple[dict[str, str], list[str]]:
     return {k: k for k in rest}, []
 
 
+def _torch_load(file: Path):
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors have many types; all mean "not a plain state dict"
+        raise ValueError(f"{file}: cannot be read as a PyTorch state dict with weights_only=True ({exc})") from None
+
+
 def read_aggregator_state(path: Path) -> dict[str, torch.Tensor]:
     """The aggregator's tensors by their module names; keys outside the aggregator and the heads are errors."""
     file = checkpoint_file(path, FILES, "VGGT")
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(file, framework="pt") as handle:
-            chosen, other = _select(list(handle.keys()), file)
-            state = {name: handle.get_tensor(key) for name, key in chosen.items()} if not other else {}
-    else:
         try:
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            data = torch.load(file, map_location="cpu", weights_only=True)
+            with safe_open(file, framework="pt") as handle:
+                chosen, other = _select(list(handle.keys()), file)
+                state = {name: handle.get_tensor(key) for name, key in chosen.items()} if not other else {}
+        except SafetensorError as exc:
+            raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+    else:
+        data = _torch_load(file)
         if isinstance(data, dict) and not all(isinstance(v, torch.Tensor) for v in data.values()):
             # a training checkpoint: the weights sit under "model" or "state_dict"
             data = next((data[w] for w in ("model", "state_dict") if isinstance(data.get(w), dict)), data)
