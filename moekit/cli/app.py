@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import export_cmd, inspect_cmd, tiny_cmd, upcycle_cmd
+from moekit.cli import export_cmd, inspect_cmd, teach_cmd, tiny_cmd, upcycle_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -15,8 +15,9 @@ app = typer.Typer(
 )
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("inspect")(inspect_cmd.inspect)
-app.command("tiny")(tiny_cmd.tiny)
 app.command("export")(export_cmd.export)
+app.command("teach")(teach_cmd.teach)
+app.command("tiny")(tiny_cmd.tiny)
 
 
 @app.command("version")
