@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import inspect_cmd
+from moekit.cli import evaluate_cmd, inspect_cmd, routes_cmd, synth_cmd, tiny_vlm_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -14,6 +14,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("inspect")(inspect_cmd.inspect)
+app.command("synth")(synth_cmd.synth)
+app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
+app.command("routes")(routes_cmd.routes)
+app.command("evaluate")(evaluate_cmd.evaluate)
 
 
 @app.command("version")
