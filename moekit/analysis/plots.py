@@ -25,6 +25,7 @@ def plot_shares(
             bars = ax.bar(xs, [100 * v for v in shares[name]], width, label=name, color=colours[g % 10])
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(experts)), experts)
+        ax.set_xlabel("expert")
         ax.set_ylabel("percentage of routed tokens")
         ax.legend(title="modality", fontsize=8)
     else:

@@ -42,7 +42,7 @@ def routes(
     report = write_routes(net, dataset, out, str(model), batch_size=batch_size, max_samples=max_samples, config=config)
     experts = report["experts"] or []
     typer.echo(f"wrote {out}/routes.json and plots; experts {experts}")
-    for group in ("datasets", "modalities"):
+    for group, label in (("datasets", "dataset"), ("modalities", "modality")):
         for name, entry in report[group].items():
             shares = " ".join(f"{100 * s:5.1f}%" for s in entry["expert_share"])
-            typer.echo(f"  {group[:-1]:8s} {name:24s} {entry['samples']:5d} samples  {shares}")
+            typer.echo(f"  {label:8s} {name:24s} {entry['samples']:5d} samples  {shares}")
