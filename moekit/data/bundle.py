@@ -46,13 +46,15 @@ PROCESSING_FILES = (
 )
 
 
-def build_tokenizer(words: Iterable[str]):
-    """A `PreTrainedTokenizerFast` over `words` (whitespace / punctuation split) with ChatML special tokens."""
+def build_tokenizer(words: Iterable[str], extra_specials: Iterable[str] = ()):
+    """A `PreTrainedTokenizerFast` over `words` (whitespace / punctuation split) with ChatML special tokens
+    (plus `extra_specials`, e.g. another family's `<image>` token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS)}
-    for word in sorted(set(words) - set(SPECIALS)):
+    specials = [*SPECIALS, *extra_specials]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for word in sorted(set(words) - set(specials)):
         vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -62,7 +64,7 @@ def build_tokenizer(words: Iterable[str]):
         unk_token="[UNK]",
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        additional_special_tokens=[t for t in SPECIALS if t not in ("[UNK]", "<|endoftext|>", "<|im_end|>")],
+        additional_special_tokens=[t for t in specials if t not in ("[UNK]", "<|endoftext|>", "<|im_end|>")],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -10,9 +10,9 @@ Layout (what the ScanNet SensReader export writes; moekit's synthetic scenes use
         or intrinsic/intrinsic_color.txt
 
 Depth may have another resolution than colour (ScanNet: 640x480 vs 1296x968); it is taken as registered to the
-colour view, resampled (nearest) to the size the frames are used at, and the intrinsics are scaled to that size, so that PolyV's back-projection
-`[x y z 1] = [D[i,j] * ([j i 1] @ inv(K).T), 1] @ B.T` holds for the returned arrays. Views whose pose is not
-finite (ScanNet marks lost tracking with -inf) are dropped before sampling.
+colour view, resampled (nearest) to the size the frames are used at, and the intrinsics are scaled to that size,
+so that PolyV's back-projection `[x y z 1] = [D[i,j] * ([j i 1] @ inv(K).T), 1] @ B.T` holds for the returned
+arrays. Views whose pose is not finite (ScanNet marks lost tracking with -inf) are dropped before sampling.
 """
 
 from __future__ import annotations
