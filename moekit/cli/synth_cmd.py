@@ -27,11 +27,10 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
 ) -> None:
     """Write a small synthetic dataset: shapes, motion clips, 3D scenes with exact depth, pairs, CSQA, eval."""
+    values = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
     from moekit.config import parse_config
     from moekit.data.synth.writer import SynthSpec, write_synth
 
-    values = dict(locals())
-    values.pop("out"), values.pop("overwrite")
     spec = parse_config(SynthSpec, values, source="moekit synth")
     manifest = write_synth(out, spec, overwrite=overwrite)
     total = sum(manifest["files"].values())

@@ -82,3 +82,19 @@ def test_deterministic_for_a_seed(tmp_path, synth_dir):
     assert _digest(tmp_path / "again") == _digest(synth_dir)
     write_synth(tmp_path / "other", SynthSpec(**{**SMALL.model_dump(), "seed": 8}))
     assert _digest(tmp_path / "other") != _digest(synth_dir)
+
+
+def test_cli_writes_and_validates(tmp_path):
+    from typer.testing import CliRunner
+
+    from moekit.cli.app import app
+
+    args = ["synth", "-o", str(tmp_path / "s"), "--images", "2", "--videos", "1", "--scenes", "1"]
+    args += ["--video-pairs", "1", "--scene-pairs", "1", "--eval-per-task", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "s" / "synth.json").read_text())["files"]["stage1_2_image.jsonl"] == 2
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    bad = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "t"), "--width", "20"])
+    assert bad.exit_code == 1 and "width" in bad.output and not (tmp_path / "t").exists()
