@@ -9,15 +9,16 @@ from moekit.data.loader import build_loader
 from moekit.data.teacher_features import DictFeatures, open_teacher_cache
 
 
-def _config(synth_dir, names, **kw):
-    return DataConfig(datasets=[{"name": n, "path": str(synth_dir / f"{n}.jsonl")} for n in names], **kw)
+def _config(synth_dir, names, max_samples=None, **kw):
+    datasets = [{"name": n, "path": str(synth_dir / f"{n}.jsonl"), "max_samples": max_samples} for n in names]
+    return DataConfig(datasets=datasets, **kw)
 
 
 def test_every_modality_batches_and_runs_through_the_model(bundle, synth_dir):
     from transformers import AutoModelForImageTextToText
 
     names = ["stage1_2_image", "stage1_2_video", "stage1_2_3d", "stage2_1_pairs", "stage2_2_csqa"]
-    loader = build_loader(_config(synth_dir, names, mixing="concat"), bundle, batch_size=3)
+    loader = build_loader(_config(synth_dir, names, max_samples=2, mixing="concat"), bundle, batch_size=3)
     model = AutoModelForImageTextToText.from_pretrained(str(bundle)).eval()
     seen = set()
     for batch in loader:
