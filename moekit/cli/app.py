@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import export_cmd, inspect_cmd, teach_cmd, tiny_cmd, upcycle_cmd
+from moekit.cli import (
+    evaluate_cmd,
+    export_cmd,
+    inspect_cmd,
+    routes_cmd,
+    synth_cmd,
+    teach_cmd,
+    tiny_cmd,
+    tiny_vlm_cmd,
+    upcycle_cmd,
+)
 
 app = typer.Typer(
     name="moekit",
@@ -18,6 +28,10 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
 app.command("teach")(teach_cmd.teach)
 app.command("tiny")(tiny_cmd.tiny)
+app.command("synth")(synth_cmd.synth)
+app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
+app.command("routes")(routes_cmd.routes)
+app.command("evaluate")(evaluate_cmd.evaluate)
 
 
 @app.command("version")

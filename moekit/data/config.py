@@ -8,6 +8,10 @@ collated batches, each a dict with
 - extras the trainer pops before the forward: `sample_ids` (list[str]), `sample_modalities`
   (list[str | None], "3d" marks multi-view scenes fed as video, for routing statistics), and `teacher`
   (dict: `video` / `scene` inputs or cached features for distillation, per sample, None when absent).
+  Also `geometry` (per sample: depth / intrinsics / poses of a student 3D scene, for position encoders, None
+  otherwise) and `datasets` (per sample: the DatasetSpec name). `moekit.data.EXTRA_KEYS` lists them all and
+  `moekit.data.split_batch(batch)` separates them from the model inputs; see moekit/data/media.py for the
+  layout of `teacher` and `geometry` entries.
 """
 
 from __future__ import annotations
@@ -51,3 +55,9 @@ class DataConfig(StrictModel):
         None, description="folder written by `moekit teach`, read instead of running teachers"
     )
     seed: int = 0
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="draws per epoch for weighted / interleave mixing (default: total dataset size)"
+    )
+    synergy_tokens: int = Field(
+        0, ge=0, description="<synergy> tokens put after the student's image in paired samples (coarse distillation)"
+    )

@@ -1,0 +1,56 @@
+"""`moekit evaluate MODEL --data FILE`: multiple-choice accuracy by answer log-likelihood, overall and per task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from moekit.cli.common import fail_on_errors
+
+
+def load_model(path: Path):
+    """A moekit MoE checkpoint through moekit.load, a dense one through transformers (local files only)."""
+    import torch
+
+    from moekit.modeling.load import load
+    from moekit.modeling.meta_model import read_config
+
+    config = read_config(path)
+    if getattr(config, "moekit", None) is not None:
+        return load(path).eval()
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+
+
+@fail_on_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="model folder (dense or moekit MoE)"),
+    data: Path = typer.Option(..., "--data", help="JSON/JSONL with multiple-choice samples (`choices`)"),
+    out: Path = typer.Option(None, "-o", "--out", help="write the full report (per-sample scores) as JSON"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="folder with the tokenizer (default: MODEL)"),
+    normalise: str = typer.Option("sum", help="rank by the answer's summed ('sum') or per-token ('mean') log-prob"),
+) -> None:
+    """Rank each sample's choices by the model's answer log-likelihood and report accuracy."""
+    import torch
+
+    from moekit.data.evaluate import read_choice_samples, score_choices
+    from moekit.data.preprocess import Preprocessor
+    from moekit.io.atomic import atomic_write_text
+
+    if normalise not in ("sum", "mean"):
+        raise ValueError(f"--normalise {normalise!r}: choose sum or mean")
+    samples = read_choice_samples(data)
+    preprocessor = Preprocessor.from_dir(model, tokenizer)
+    torch.set_grad_enabled(False)
+    report = score_choices(load_model(model), preprocessor, samples, data.parent, normalise=normalise)
+    typer.echo(
+        f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['total']}, chance {report['chance']:.3f})"
+    )
+    for task, row in report["per_task"].items():
+        typer.echo(f"  {task:16s} {row['accuracy']:.3f}  ({row['correct']}/{row['total']}, chance {row['chance']:.3f})")
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2))

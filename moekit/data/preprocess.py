@@ -1,0 +1,128 @@
+"""`Preprocessor`: one sample (schema + decoded media) -> the tensors of one training example.
+
+Built from a model folder (config.json + tokenizer files + preprocessor_config.json): the tokenizer and its chat
+template format the conversation, the family's `Vision` turns media into tokens and pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.data.chat import IGNORE, ChatFormatter, Piece, assemble
+from moekit.data.media import Media, student_geometry
+from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, Sample
+from moekit.data.vision import Vision, build_vision
+
+SYNERGY_TOKEN = "<synergy>"
+
+
+def model_family(config: Any) -> str:
+    """The dense family of a config (a moekit MoE config `moekit_qwen2_5_vl` -> `qwen2_5_vl`)."""
+    from moekit.modeling.classes import PREFIX
+
+    return str(config.model_type).removeprefix(PREFIX)
+
+
+class Preprocessor:
+    """Tokenizer + chat formatting + visual preprocessing of one model."""
+
+    def __init__(self, tokenizer: Any, vision: Vision | None, family: str, config: Any = None):
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.family = family
+        self.config = config
+        self.formatter = ChatFormatter(tokenizer)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, tokenizer_path: str | Path | None = None) -> Preprocessor:
+        """Load from a model folder (tokenizer from `tokenizer_path` when the folder has none)."""
+        from transformers import AutoTokenizer
+
+        from moekit.modeling.meta_model import read_config
+
+        path = Path(path)
+        config = read_config(path)
+        family = model_family(config)
+        source = Path(tokenizer_path) if tokenizer_path is not None else path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{source}: no usable tokenizer here ({exc}); pass the folder that has one") from None
+        return cls(tokenizer, build_vision(path, family, config), family, config)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def synergy_id(self) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(SYNERGY_TOKEN)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {SYNERGY_TOKEN} token; add it as a special token first")
+        return int(token_id)
+
+    def encode(self, sample: Sample, media: Media, max_length: int, synergy_tokens: int = 0) -> dict[str, Any]:
+        """Model inputs (1-D token tensors, pixel tensors) plus the sample's extras; ValueError when unusable."""
+        segments: dict[str, list[list[int]]] = {IMAGE_TAG: [], VIDEO_TAG: []}
+        tensors: dict[str, list[torch.Tensor]] = {}
+        geometry = None
+        if (media.images or media.clip) and self.vision is None:
+            raise ValueError(f"the model ({self.family}) is text-only but the sample has media")
+        for k, image in enumerate(media.images):
+            segment = self.vision.image(image)
+            ids = segment.ids
+            if synergy_tokens and sample.paired is not None and k == len(media.images) - 1:
+                ids = ids + [self.synergy_id()] * synergy_tokens
+            segments[IMAGE_TAG].append(ids)
+            _add(tensors, segment.tensors)
+        if media.clip is not None:
+            if not self.vision.supports_video:
+                raise ValueError(f"the model ({self.family}) takes no video input")
+            segment = self.vision.video(media.clip)
+            segments[VIDEO_TAG].append(segment.ids)
+            _add(tensors, segment.tensors)
+            if media.scene is not None:
+                geometry = student_geometry(
+                    media.scene, segment.size, segment.tensors["video_grid_thw"], self.vision.pixels.temporal_patch_size
+                )
+        roles = [t.role for t in sample.conversations]
+        pieces: list[Piece] = self.formatter.pieces(roles, sample.human_texts())
+        ids, labels = assemble(self.formatter, pieces, segments)
+        ids, labels = _truncate(ids, labels, max_length, self.vision)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        out: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+        if self.vision is not None:
+            out.update(self.vision.token_inputs(input_ids))
+        out.update({k: torch.cat(v) for k, v in tensors.items()})
+        out["sample_ids"] = sample.id
+        out["sample_modalities"] = sample.modality
+        out["teacher"] = media.teacher
+        out["geometry"] = geometry
+        return out
+
+
+def _add(into: dict[str, list[torch.Tensor]], tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        into.setdefault(key, []).append(value)
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, vision: Vision | None) -> tuple[list, list]:
+    """Cut text past `max_length`; never cut inside the media (their token count must match the pixels)."""
+    if len(ids) > max_length:
+        media_ids = set()
+        if vision is not None:
+            media_ids = {getattr(vision, "image_id", -1), getattr(vision, "video_id", -1)}
+            media_ids |= {getattr(vision, "start_id", -1), getattr(vision, "end_id", -1)}
+        if any(t in media_ids for t in ids[max_length:]):
+            raise ValueError(f"needs {len(ids)} tokens and its media do not fit in max_length={max_length}")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
+        raise ValueError(f"no answer tokens left within max_length={max_length}")
+    return ids, labels
