@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import inspect_cmd
+from moekit.cli import inspect_cmd, plugins_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("inspect")(inspect_cmd.inspect)
+app.command("plugins")(plugins_cmd.plugins)
 
 
 @app.command("version")

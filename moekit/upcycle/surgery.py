@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from moekit.moe.context import attach_context
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.router_init import prototype_router_weights
 from moekit.upcycle.sources import ExpertSource, as_source, check_shapes, perturb
-from moekit.upcycle.spec import UpcycleSpec
+from moekit.upcycle.spec import ROUTER_INITS, UpcycleSpec
 
 
 def build_meta(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, str]) -> dict[str, Any]:
@@ -106,6 +106,9 @@ def upcycle(
     adapter = resolve_arch(model, spec.arch)
     layers = resolve_layers(spec.layers, adapter.num_layers)
     resolved = _resolve_sources(model, spec, adapter, sources or {}, layers)
+    expert_inits, router_init = _plugin_initialisers(spec)
+    first = ffn_tensors(adapter.ffn_module(model, layers[0]), adapter.ffn)
+    _dry_run_expert_inits(spec, expert_inits, first, layers[0], adapter.ffn.gated)
     prototypes = None
     if spec.router.init == "prototype":
         prototypes = prototype_router_weights(model, adapter, layers, spec, calibration)
@@ -121,14 +124,54 @@ def upcycle(
     context = new_context(meta)
     blocks = install_blocks(model, meta, context)
     for layer, block in blocks.items():
-        _fill_block(block, layer, spec, resolved, dense.pop(layer))
-        _init_router(block, layer, spec, prototypes)
+        _fill_block(block, layer, spec, resolved, dense.pop(layer), expert_inits)
+        _init_router(block, layer, spec, prototypes, router_init)
     _swap_classes(model, adapter, meta)
     attach_context(model, context)
     return model
 
 
-def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, base: dict[str, torch.Tensor]) -> None:
+def _plugin_initialisers(spec: UpcycleSpec) -> tuple[list[Callable | None], Callable | None]:
+    """Expert initialisers per expert and the router initialiser that plug-ins provide (built before any change)."""
+    experts = [e.init.build() if e.init is not None else None for e in spec.experts]
+    router = None
+    if spec.router.init not in ROUTER_INITS:
+        from moekit.registry import registry
+
+        router = registry().build("router_init", spec.router.init, spec.router.params, where="router")
+    return experts, router
+
+
+def _dry_run_expert_inits(
+    spec: UpcycleSpec, inits: list, tensors: dict[str, torch.Tensor], layer: int, gated: bool
+) -> None:
+    """Run each plug-in expert initialiser once on the first MoE layer, so a broken one fails before any change."""
+    for index, (expert, fn) in enumerate(zip(spec.experts, inits)):
+        if fn is not None:
+            where = f"experts[{index}].init ({expert.init.name}), layer {layer}"
+            generator = torch.Generator().manual_seed(0)
+            _apply_expert_init(
+                fn, tensors, where, layer=layer, expert=expert.name, index=index, gated=gated, generator=generator
+            )
+
+
+def _apply_expert_init(fn: Callable, tensors: dict[str, torch.Tensor], where: str, **context: Any) -> dict:
+    """Run a plug-in expert initialiser on a copy of the tensors; it must keep every tensor and shape."""
+    out = fn({k: v.clone() for k, v in tensors.items()}, **context)
+    if not isinstance(out, dict):
+        raise TypeError(f"{where}: the expert initialiser returned {type(out).__name__}, expected a dict of tensors")
+    check_shapes(tensors, out, where)
+    return out
+
+
+def _fill_block(
+    block: MoeBlock,
+    layer: int,
+    spec: UpcycleSpec,
+    sources: list,
+    base: dict[str, torch.Tensor],
+    inits: list[Callable | None],
+) -> None:
     experts = block.experts
     for index, (expert, source) in enumerate(zip(spec.experts, sources)):
         tensors = base if source is None else source.tensors(layer)
@@ -141,6 +184,18 @@ def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, b
             gated=experts.gated,
             generator=generator,
         )
+        if inits[index] is not None:
+            where = f"experts[{index}].init ({expert.init.name}), layer {layer}"
+            tensors = _apply_expert_init(
+                inits[index],
+                tensors,
+                where,
+                layer=layer,
+                expert=expert.name,
+                index=index,
+                gated=experts.gated,
+                generator=generator,
+            )
         experts.up_weight[index].copy_(tensors["up"])
         experts.down_proj[index].copy_(tensors["down"])
         if experts.biased:
@@ -150,12 +205,23 @@ def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, b
             )
 
 
-def _init_router(block: MoeBlock, layer: int, spec: UpcycleSpec, prototypes: dict[int, torch.Tensor] | None) -> None:
+def _init_router(
+    block: MoeBlock,
+    layer: int,
+    spec: UpcycleSpec,
+    prototypes: dict[int, torch.Tensor] | None,
+    plugin: Callable | None,
+) -> None:
     weight = block.gate.weight
     if spec.router.init == "zeros":
         weight.zero_()
         return
     generator = torch.Generator().manual_seed(spec.seed * 7919 + layer)
+    if plugin is not None:
+        plugin(weight, layer=layer, experts=spec.expert_names, block=block, generator=generator)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"router.init {spec.router.init!r} left non-finite router weights in layer {layer}")
+        return
     weight.copy_(torch.randn(weight.shape, generator=generator) * spec.router.std)
     if prototypes is not None:
         rows = prototypes[layer]
