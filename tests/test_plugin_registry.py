@@ -3,6 +3,9 @@ YAML paths, `moekit plugins`, and the rule that every hook has a test and a docs
 
 import ast
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +227,24 @@ def test_example_plugin_package_is_self_contained():
         n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module
     }
     assert "moekit_plugins" not in imports and "moekit" in imports
+
+
+def test_pip_installs_the_example_and_moekit_discovers_it(tmp_path, monkeypatch):
+    """The real path: pip builds the example from its own pyproject; its entry point makes it a plug-in."""
+    pytest.importorskip("setuptools")
+    source, target = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    done = subprocess.run([*command, "--target", str(target), str(source)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.syspath_prepend(str(target))
+    monkeypatch.delenv(registry.ALLOW_ENV, raising=False)
+    try:
+        reg = registry.reload()
+        info = {p.name: p for p in reg.plugins}["example"]
+        assert (info.package, info.version, info.error) == ("moekit-example-plugin", "0.1.0", None)
+        assert reg.get("router_init", "example_orthogonal").plugin == "example"
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("moekit_example_plugin", None)
+        registry.reload()
