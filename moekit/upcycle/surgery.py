@@ -108,7 +108,9 @@ def upcycle(
     resolved = _resolve_sources(model, spec, adapter, sources or {}, layers)
     expert_inits, router_init = _plugin_initialisers(spec)
     first = ffn_tensors(adapter.ffn_module(model, layers[0]), adapter.ffn)
-    _dry_run_expert_inits(spec, expert_inits, first, layers[0], adapter.ffn.gated)
+    for index, fn in enumerate(expert_inits):  # a dry run on one layer: a broken initialiser fails before any change
+        if fn is not None:
+            _expert_init(spec, index, fn, first, layers[0], adapter.ffn.gated, torch.Generator().manual_seed(0))
     prototypes = None
     if spec.router.init == "prototype":
         prototypes = prototype_router_weights(model, adapter, layers, spec, calibration)
@@ -142,22 +144,20 @@ def _plugin_initialisers(spec: UpcycleSpec) -> tuple[list[Callable | None], Call
     return experts, router
 
 
-def _dry_run_expert_inits(
-    spec: UpcycleSpec, inits: list, tensors: dict[str, torch.Tensor], layer: int, gated: bool
-) -> None:
-    """Run each plug-in expert initialiser once on the first MoE layer, so a broken one fails before any change."""
-    for index, (expert, fn) in enumerate(zip(spec.experts, inits)):
-        if fn is not None:
-            where = f"experts[{index}].init ({expert.init.name}), layer {layer}"
-            generator = torch.Generator().manual_seed(0)
-            _apply_expert_init(
-                fn, tensors, where, layer=layer, expert=expert.name, index=index, gated=gated, generator=generator
-            )
-
-
-def _apply_expert_init(fn: Callable, tensors: dict[str, torch.Tensor], where: str, **context: Any) -> dict:
-    """Run a plug-in expert initialiser on a copy of the tensors; it must keep every tensor and shape."""
-    out = fn({k: v.clone() for k, v in tensors.items()}, **context)
+def _expert_init(
+    spec: UpcycleSpec,
+    index: int,
+    fn: Callable,
+    tensors: dict[str, torch.Tensor],
+    layer: int,
+    gated: bool,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Run expert `index`'s plug-in initialiser on a copy of its tensors; it must keep every tensor and shape."""
+    expert = spec.experts[index]
+    where = f"experts[{index}].init ({expert.init.name}), layer {layer}"
+    copy = {k: v.clone() for k, v in tensors.items()}
+    out = fn(copy, layer=layer, expert=expert.name, index=index, gated=gated, generator=generator)
     if not isinstance(out, dict):
         raise TypeError(f"{where}: the expert initialiser returned {type(out).__name__}, expected a dict of tensors")
     check_shapes(tensors, out, where)
@@ -185,17 +185,7 @@ def _fill_block(
             generator=generator,
         )
         if inits[index] is not None:
-            where = f"experts[{index}].init ({expert.init.name}), layer {layer}"
-            tensors = _apply_expert_init(
-                inits[index],
-                tensors,
-                where,
-                layer=layer,
-                expert=expert.name,
-                index=index,
-                gated=experts.gated,
-                generator=generator,
-            )
+            tensors = _expert_init(spec, index, inits[index], tensors, layer, experts.gated, generator)
         experts.up_weight[index].copy_(tensors["up"])
         experts.down_proj[index].copy_(tensors["down"])
         if experts.biased:
