@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import moekit
 from moekit import registry
 from moekit.arch import ArchError, TokenLayout, visual_site
 from moekit.tiny import IMAGE_ID, VIDEO_ID, tiny_inputs, tiny_model
@@ -225,3 +226,15 @@ def test_encoders_stack_and_gradients_reach_learned_parameters(qwen):
     for encoder in (temporal, patch):
         encoder.remove()
     qwen.zero_grad(set_to_none=True)
+
+
+def test_encoders_hook_into_an_upcycled_moe_model():
+    model = moekit.upcycle(tiny_model("qwen2_5_vl"), moekit.UpcycleSpec(layers="interval:2", num_experts=2, top_k=1))
+    batch = tiny_inputs("qwen2_5_vl", "video")
+    before = embeddings(model, batch)
+    encoder = build("temporal_frame", {"max_wavelength": 50.0}, model=model)
+    video = batch["input_ids"][0] == VIDEO_ID
+    delta = embeddings(model, batch)[video] - before[video]
+    encoder.remove()
+    frames = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])[:, None].float()
+    torch.testing.assert_close(delta, sinusoid(frames, 32, 2.0, 50.0), atol=1e-5, rtol=0)

@@ -59,6 +59,12 @@ def test_hook_moekit_synergy_heads_builtin_polyv_prepare_adds_tokens_and_rows():
     assert torch.equal(model.get_input_embeddings().weight[321], trained)
 
 
+def test_a_head_must_be_prepared_first():
+    head = build("polyv_synergy", {"temporal_dim": 4})
+    with pytest.raises(RuntimeError, match=r"call head.prepare\(model, tokenizer\) first"):
+        head(hidden_states=torch.zeros(1, 3, 32), input_ids=torch.zeros(1, 3, dtype=torch.long), teacher={})
+
+
 def test_padded_vocabulary_rows_are_reused_not_shrunk():
     model, tok = tiny_model("qwen2_5_vl"), tokenizer(300)  # 300 tokenizer ids, 320 embedding rows
     before = model.get_input_embeddings().weight[:299].detach().clone()

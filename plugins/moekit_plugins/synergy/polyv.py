@@ -122,8 +122,8 @@ class PolyVSynergyHead(nn.Module):
         """
         check_teacher_keys(teacher, PATHS, "polyv_synergy")
         hidden = last_hidden(hidden_states)
-        weight = next(self.projectors.parameters())
         states, present = self.synergy_states(hidden, input_ids)
+        weight = next(self.projectors.parameters())
         states = states.to(weight.dtype)
         batch = hidden.shape[0]
         losses: dict[str, torch.Tensor] = {}
