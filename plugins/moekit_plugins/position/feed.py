@@ -83,7 +83,9 @@ class VisualEncoderBase(nn.Module):
         if self._hook is not None:
             raise RuntimeError("this encoder is already attached; call remove() first")
         self._hook = add_to_visual_tokens(model, self.token_deltas)
-        return self
+        return self.to(
+            model.get_input_embeddings().weight.device
+        )  # parameters stay fp32; deltas take the tokens' dtype
 
     def remove(self) -> None:
         """Unhook from the model: its visual tokens are the encoder's own again."""

@@ -60,10 +60,10 @@ class NativeRope:
         self._check_units(units, starts, grids)
         steps = ((units == 0) & valid) | starts
         t = (steps.long().cumsum(-1) - 1).clamp_min(0)
-        positions = torch.arange(length).expand(batch, length)
+        positions = torch.arange(length, device=units.device).expand(batch, length)
         start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=-1).values
         rank = positions - start
-        widths = torch.ones(batch, int(units.max()) + 1, dtype=torch.long)
+        widths = torch.ones(batch, int(units.max()) + 1, dtype=torch.long, device=units.device)
         for b, sample in enumerate(grids):
             for k, (_, width) in enumerate(sample):
                 if k + 1 < widths.shape[1]:
@@ -95,7 +95,7 @@ class NativeRope:
         `theta_g^(-2k/d_g)` times its own index (the rotate-half layout transformers uses)."""
         parts = []
         for (dim, theta), position in zip(self.groups, index):
-            inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+            inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=position.device) / dim)
             freqs = position.double()[..., None] * inv
             parts.append(torch.cat([freqs, freqs], dim=-1))
         angles = torch.cat(parts, dim=-1)
@@ -118,7 +118,7 @@ class NativeRope:
     def mask(units: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 7, [B, L, L] bool: query i may see key j iff j <= i or (u_i == u_j > 0); padding keys never."""
         length = units.shape[-1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=units.device).tril()
         same_unit = (units[:, :, None] == units[:, None, :]) & (units[:, :, None] > 0)
         allowed = causal | same_unit
         if attention_mask is not None:
@@ -128,5 +128,5 @@ class NativeRope:
     @staticmethod
     def additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[B, L, L] bool -> [B, 1, L, L] additive mask (0 where allowed, the dtype's minimum elsewhere)."""
-        out = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         return out[:, None]

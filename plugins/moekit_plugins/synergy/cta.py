@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from moekit.config import StrictModel
-from moekit_plugins.synergy.pooling import check_teacher_keys, last_hidden, masked_mean, pool_tokens, sample_mask
+from moekit_plugins.synergy.pooling import check_teacher_keys, last_hidden, pool_tokens, sample_mask
 
 PATHS = ("spatial", "semantic")
 
@@ -190,5 +190,5 @@ def _mlp(inp: int, out: int) -> nn.Sequential:
 
 
 def _mean(items: list[tuple[int, torch.Tensor]], anchor: torch.Tensor) -> torch.Tensor:
-    values = torch.stack([v for _, v in items]) if items else anchor.new_zeros(0)
-    return masked_mean(values, torch.ones(len(items), dtype=torch.bool), anchor)
+    """Mean over the samples that produced a term; exactly 0, still attached to the graph, when none did."""
+    return torch.stack([v for _, v in items]).mean() if items else anchor.sum() * 0.0
