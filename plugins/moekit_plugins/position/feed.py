@@ -71,6 +71,15 @@ class GeometryFeed:
         return out
 
 
+def token_width(model: nn.Module | None, dim: int | None, name: str) -> int:
+    """Width of the visual tokens an encoder adds to: `dim`, else the model's embedding width."""
+    if dim is not None:
+        return dim
+    if model is None:
+        raise ValueError(f"{name} needs the model (or dim=) to size its layers")
+    return model.get_input_embeddings().embedding_dim
+
+
 class VisualEncoderBase(nn.Module):
     """What every visual-token position encoder shares: attach to a model, remove, `inputs(...)` per forward."""
 

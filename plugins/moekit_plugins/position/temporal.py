@@ -10,7 +10,7 @@ from torch import nn
 
 from moekit.arch import VisualItem
 from moekit.config import StrictModel
-from moekit_plugins.position.feed import VisualEncoderBase
+from moekit_plugins.position.feed import VisualEncoderBase, token_width
 from moekit_plugins.position.sinusoid import sinusoid
 
 
@@ -32,10 +32,7 @@ class TemporalFrameEncoder(VisualEncoderBase):
 
     def __init__(self, params: TemporalParams, model: nn.Module | None = None, dim: int | None = None):
         super().__init__()
-        if dim is None:
-            if model is None:
-                raise ValueError("temporal_frame needs the model (or dim=) to size its embedding")
-            dim = model.get_input_embeddings().embedding_dim
+        dim = token_width(model, dim, "temporal_frame")
         self.params, self.dim = params, dim
         self.table = None
         if params.mode == "learned":

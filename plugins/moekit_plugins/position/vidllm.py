@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from moekit.config import StrictModel
-from moekit_plugins.position.feed import GeometryEncoder
+from moekit_plugins.position.feed import GeometryEncoder, token_width
 from moekit_plugins.position.geometry import CameraGeometry, back_project
 
 
@@ -23,10 +23,7 @@ class VidLLMPatchEncoder(GeometryEncoder):
 
     def __init__(self, params: VidLLMPatchParams, model: nn.Module | None = None, dim: int | None = None):
         super().__init__()
-        if dim is None:
-            if model is None:
-                raise ValueError("vidllm_3d_patch needs the model (or dim=) to size its MLP")
-            dim = model.get_input_embeddings().embedding_dim
+        dim = token_width(model, dim, "vidllm_3d_patch")
         self.params = params
         self.mlp = nn.Sequential(nn.Linear(3, params.hidden), nn.GELU(), nn.Linear(params.hidden, dim))
         if params.zero_init:
