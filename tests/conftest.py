@@ -10,6 +10,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import moekit  # noqa: E402  (registers the moekit model classes)
 from moekit.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
 
+from .plugin_env import example_plugin, plugin_site  # noqa: E402, F401  (plug-in install fixtures)
+
 VLM_FAMILIES = [f for f in FAMILIES if f not in ("qwen2", "qwen3", "llama", "mistral", "phi", "phi3")]
 
 

@@ -8,7 +8,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moekit.arch.families import FAMILIES, IMAGE_TOKEN_KEYS, VIDEO_TOKEN_KEYS, AutoKind
+from moekit.arch.families import (
+    IMAGE_TOKEN_KEYS,
+    VIDEO_TOKEN_KEYS,
+    AutoKind,
+    VisualSite,
+    family_for,
+    known_families,
+)
 
 FfnKind = Literal["gated", "fused", "plain"]
 
@@ -64,6 +71,7 @@ class ArchAdapter:
     video_token_ids: tuple[int, ...] = ()
     biased: bool = False
     known: bool = True
+    visual: VisualSite | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def layer(self, model: nn.Module, index: int) -> nn.Module:
@@ -80,6 +88,7 @@ class ArchAdapter:
     def from_meta(cls, meta: dict) -> ArchAdapter:
         """The adapter recorded in a moekit model's `config.moekit`."""
         arch = meta["arch"]
+        family = family_for(meta["base_model_type"])
         return cls(
             model_type=meta["base_model_type"],
             layers=arch["layers"],
@@ -92,7 +101,8 @@ class ArchAdapter:
             image_token_ids=tuple(arch.get("image_token_ids", ())),
             video_token_ids=tuple(arch.get("video_token_ids", ())),
             biased=meta["biased"],
-            known=meta["base_model_type"] in FAMILIES,
+            known=family is not None,
+            visual=family.visual if family is not None else None,
         )
 
     def to_dict(self) -> dict:
@@ -162,7 +172,7 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     if isinstance(meta, dict) and override is None:
         return ArchAdapter.from_meta(meta)
     model_type = config.model_type
-    family = FAMILIES.get(model_type)
+    family = family_for(model_type)
     if override is not None:
         layers_path, mlp = override.layers, override.mlp
     elif family is not None:
@@ -170,7 +180,7 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     else:
         raise ArchError(
             f"model type {model_type!r} ({type(model).__name__}) is not a family moekit knows.\n"
-            f"  known families: {', '.join(sorted(FAMILIES))}\n"
+            f"  known families: {', '.join(known_families())}\n"
             f"  decoder-layer lists found in this model: {'; '.join(_candidates(model)) or 'none'}\n"
             "  pass the paths by hand, e.g. UpcycleSpec(arch={'layers': 'model.layers', 'mlp': 'mlp'}) or in YAML\n"
             "  `arch: {layers: model.layers, mlp: mlp}` (add gate/up/down/act for unusual FFN names)"
@@ -232,6 +242,7 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
         video_token_ids=video_ids,
         biased=up.bias is not None or down.bias is not None,
         known=family is not None,
+        visual=family.visual if family is not None else None,
     )
 
 

@@ -8,6 +8,26 @@ from typing import Literal
 AutoKind = Literal["image-text-to-text", "causal-lm"]
 
 
+VisualLayout = Literal["merged_patches", "pooled_frames"]
+
+
+@dataclass(frozen=True)
+class VisualSite:
+    """Where a family's visual tokens come out in LLM space, and how they map to the pixels the encoder saw.
+
+    `owner` is the module (relative to the top-level model; the model itself when absent) whose `image` /
+    `video` methods return those tokens (transformers' `get_image_features` / `get_video_features`, after the
+    vision tower and projector/merger). `layout` says which pixels a token covers (see moekit.arch.visual):
+    `merged_patches` (Qwen-VL: patch P, M x M spatial merge, T frames per temporal patch) or `pooled_frames`
+    (LLaVA-OneVision video: per-frame patch grid pooled 2x bilinearly, then one newline token per video).
+    """
+
+    layout: VisualLayout
+    owner: str = "model"
+    image: str | None = "get_image_features"
+    video: str | None = "get_video_features"
+
+
 @dataclass(frozen=True)
 class Family:
     """Facts about one transformers `model_type`."""
@@ -17,16 +37,19 @@ class Family:
     auto: AutoKind = "image-text-to-text"
     video: bool = False  # whether the family takes video input
     native_moe: str | None = None  # transformers' stock MoE twin, if any (see moekit export --native)
+    visual: VisualSite | None = None  # where visual tokens enter LLM space (position encoders), if known
 
 
 _VLM = "model.language_model.layers"
 
+_QWEN_VISUAL = VisualSite("merged_patches")
+
 FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family(_VLM, video=True),
-    "qwen2_5_vl": Family(_VLM, video=True),
-    "qwen3_vl": Family(_VLM, video=True, native_moe="qwen3_vl_moe"),
+    "qwen2_vl": Family(_VLM, video=True, visual=_QWEN_VISUAL),
+    "qwen2_5_vl": Family(_VLM, video=True, visual=_QWEN_VISUAL),
+    "qwen3_vl": Family(_VLM, video=True, native_moe="qwen3_vl_moe", visual=_QWEN_VISUAL),
     "llava": Family(_VLM),
-    "llava_onevision": Family(_VLM, video=True),
+    "llava_onevision": Family(_VLM, video=True, visual=VisualSite("pooled_frames")),
     "idefics3": Family("model.text_model.layers"),
     "smolvlm": Family("model.text_model.layers"),
     "gemma3": Family(_VLM),
@@ -43,3 +66,19 @@ FAMILIES: dict[str, Family] = {
 
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 VIDEO_TOKEN_KEYS = ("video_token_id", "video_token_index")
+
+
+def family_for(model_type: str) -> Family | None:
+    """The built-in family, else one a plug-in adds through `moekit_arch_adapters`, else None."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    from moekit.registry import registry
+
+    return registry().families().get(model_type)
+
+
+def known_families() -> list[str]:
+    """Every model type moekit can resolve: the built-in table plus plug-in families."""
+    from moekit.registry import registry
+
+    return sorted({*FAMILIES, *registry().families()})

@@ -8,6 +8,7 @@ from moekit.cli import (
     evaluate_cmd,
     export_cmd,
     inspect_cmd,
+    plugins_cmd,
     routes_cmd,
     synth_cmd,
     teach_cmd,
@@ -32,6 +33,7 @@ app.command("synth")(synth_cmd.synth)
 app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
 app.command("routes")(routes_cmd.routes)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("plugins")(plugins_cmd.plugins)
 
 
 @app.command("version")

@@ -54,10 +54,23 @@ def parse_config(model: type[M], data: Any, source: str = "config") -> M:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        seen: dict[str, str] = {}
-        for err in exc.errors():
-            seen.setdefault(_location(err["loc"]), _message(err))
-        raise ConfigError(source, list(seen.items())) from None
+        raise ConfigError(source, located_problems(exc)) from None
+
+
+def located_problems(exc: pydantic.ValidationError) -> list[tuple[str, str]]:
+    """(YAML path, message) per error. A validator that raises `ConfigError` (e.g. a plug-in component checking
+    its `params`) has its own problems nested under the validator's location, so paths read in full."""
+    seen: dict[str, str] = {}
+    for err in exc.errors():
+        where = _location(err["loc"])
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError):
+            for loc, msg in inner.problems:
+                full = where if loc == "<root>" else loc if where == "<root>" else f"{where}.{loc}"
+                seen.setdefault(full, msg)
+        else:
+            seen.setdefault(where, _message(err))
+    return list(seen.items())
 
 
 def load_yaml(path: str | Path) -> Any:

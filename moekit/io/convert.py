@@ -28,7 +28,7 @@ from moekit.io.reader import CheckpointError, CheckpointReader
 from moekit.io.sources import CheckpointSource, LoraSource, checkpoint_source
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.meta_model import meta_model, read_config
-from moekit.upcycle.init import expert_tensors, router_weight
+from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
 
@@ -61,6 +61,11 @@ class _Plan:
                 "router.init=prototype needs forward passes, which conversion avoids: convert with 'normal', then run "
                 "`moekit calibrate-router OUT --data FILE`"
             )
+        if spec.router.init not in ("normal", "zeros"):
+            raise ValueError(
+                f"router.init={spec.router.init!r} is a plug-in that works on the model in memory; use moekit.upcycle() "
+                "or convert with 'normal' and re-initialise the router after moekit.load()"
+            )
         self.spec = spec
         self.base_dir = Path(spec.base)
         self.base = CheckpointReader(self.base_dir, allow_pickle=allow_pickle)
@@ -73,6 +78,7 @@ class _Plan:
         self.dtype = dtype
         self.base_layout = {layer: self.base_source.layout(layer) for layer in self.layers}
         self.sources = [self._source(i, allow_pickle) for i in range(len(spec.experts))]
+        self.inits = plugin_expert_inits(spec)
         self.replaced = {k for layer in self.layers for g in self.base_source.ffn_keys(layer).values() for k in g}
         self.all_ffn_keys = {
             k
@@ -182,7 +188,7 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
             cache.clear()
             base_tensors = plan.base_source.tensors(layer)
             per_expert = [
-                expert_tensors(spec, i, layer, base_tensors if s is None else s.tensors(layer), adapter.ffn.gated)
+                expert_tensors(spec, i, layer, base_tensors if s is None else s.tensors(layer), adapter.ffn.gated, plan.inits[i])
                 for i, s in enumerate(plan.sources)
             ]
             cache[layer] = {k: torch.stack([e[k].to(base_tensors[k].dtype) for e in per_expert]) for k in per_expert[0]}

@@ -17,7 +17,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from moekit.arch.families import FAMILIES
+from moekit.arch.families import FAMILIES, family_for
 from moekit.io.atomic import atomic_dir
 from moekit.modeling.structure import guard_key, guard_pattern, init_block, install_blocks, new_context
 from moekit.moe import MoeBlock
@@ -70,8 +70,9 @@ class MoekitModelMixin:
 
 
 def _auto_kind(base_model_type: str, base_config_cls) -> str:
-    if base_model_type in FAMILIES:
-        return FAMILIES[base_model_type].auto
+    family = family_for(base_model_type)
+    if family is not None:
+        return family.auto
     return "image-text-to-text" if "vision_config" in getattr(base_config_cls, "sub_configs", {}) else "causal-lm"
 
 

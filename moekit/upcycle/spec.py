@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from moekit.components import ExpertInitRef
 from moekit.config import StrictModel, apply_overrides, load_yaml, parse_config
 from moekit.upcycle.layout import check_layout
 
@@ -35,6 +36,9 @@ class ExpertSpec(StrictModel):
         None, description="seed of this expert's noise and re-init (default: spec seed + expert index)"
     )
     lora_scale: float = Field(1.0, description="scale of a LoRA delta when the source is a peft adapter")
+    init: ExpertInitRef | None = Field(
+        None, description="plug-in expert initialiser applied after the copy: {name: ..., params: {...}}"
+    )
 
     @field_validator("name")
     @classmethod
@@ -50,12 +54,41 @@ class ExpertSpec(StrictModel):
         return self
 
 
-class RouterSpec(StrictModel):
-    """How the router weights start."""
+ROUTER_INITS = ("normal", "zeros", "prototype")
 
-    init: Literal["normal", "zeros", "prototype"] = "normal"
+
+class RouterSpec(StrictModel):
+    """How the router weights start: a built-in init or a plug-in router initialiser (with its `params`)."""
+
+    init: str = Field("normal", description=f"one of {', '.join(ROUTER_INITS)}, or a plug-in router initialiser")
     std: float = Field(0.02, gt=0.0, description="std of the normal init (also used for experts without a prototype)")
     prototype_scale: float = Field(1.0, gt=0.0, description="length of each prototype row of the router")
+    params: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="parameters of a plug-in router initialiser"
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, init: str) -> str:
+        if init not in ROUTER_INITS:
+            from moekit.registry import registry
+
+            reg = registry()
+            if init not in reg.components("router_init"):
+                raise ValueError(reg.unknown_message("router_init", init, ROUTER_INITS))
+        return init
+
+    @field_validator("params")
+    @classmethod
+    def _plugin_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        init = info.data.get("init")
+        if init in ROUTER_INITS and params:
+            raise ValueError(f"the built-in router init {init!r} takes no params (they are for plug-in initialisers)")
+        if init is not None and init not in ROUTER_INITS:
+            from moekit.registry import registry
+
+            registry().params_for("router_init", init, params)
+        return params
 
 
 class ArchOverride(StrictModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,11 +13,11 @@ from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
 from moekit.modeling.structure import FORMAT_VERSION, install_blocks, new_context
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
-from moekit.upcycle.init import expert_tensors, router_weight
+from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight, run_expert_init
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.router_init import prototype_router_weights
 from moekit.upcycle.sources import ExpertSource, ModuleSource, as_source, check_shapes
-from moekit.upcycle.spec import UpcycleSpec
+from moekit.upcycle.spec import ROUTER_INITS, UpcycleSpec
 
 
 def build_meta(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, str]) -> dict[str, Any]:
@@ -120,6 +120,11 @@ def upcycle(
     adapter = resolve_arch(model, spec.arch)
     layers = resolve_layers(spec.layers, adapter.num_layers)
     resolved = _resolve_sources(model, spec, adapter, sources or {}, layers, allow_pickle)
+    expert_inits, router_init = _plugin_initialisers(spec)
+    first = ffn_tensors(adapter.ffn_module(model, layers[0]), adapter.ffn)
+    for index, fn in enumerate(expert_inits):  # a dry run on one layer: a broken initialiser fails before any change
+        if fn is not None:
+            run_expert_init(spec, index, fn, first, layers[0], adapter.ffn.gated, torch.Generator().manual_seed(0))
     prototypes = None
     if spec.router.init == "prototype":
         prototypes = prototype_router_weights(model, adapter, layers, spec, calibration)
@@ -135,18 +140,36 @@ def upcycle(
     context = new_context(meta)
     blocks = install_blocks(model, meta, context)
     for layer, block in blocks.items():
-        _fill_block(block, layer, spec, resolved, dense.pop(layer))
-        _init_router(block, layer, spec, prototypes)
+        _fill_block(block, layer, spec, resolved, dense.pop(layer), expert_inits)
+        _init_router(block, layer, spec, prototypes, router_init)
     _swap_classes(model, adapter, meta)
     attach_context(model, context)
     return model
 
 
-def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, base: dict[str, torch.Tensor]) -> None:
+def _plugin_initialisers(spec: UpcycleSpec) -> tuple[list[Callable | None], Callable | None]:
+    """Expert initialisers per expert and the router initialiser that plug-ins provide (built before any change)."""
+    experts = plugin_expert_inits(spec)
+    router = None
+    if spec.router.init not in ROUTER_INITS:
+        from moekit.registry import registry
+
+        router = registry().build("router_init", spec.router.init, spec.router.params, where="router")
+    return experts, router
+
+
+def _fill_block(
+    block: MoeBlock,
+    layer: int,
+    spec: UpcycleSpec,
+    sources: list,
+    base: dict[str, torch.Tensor],
+    inits: list[Callable | None],
+) -> None:
     experts = block.experts
     for index, source in enumerate(sources):
         tensors = base if source is None else source.tensors(layer)
-        tensors = expert_tensors(spec, index, layer, tensors, experts.gated)
+        tensors = expert_tensors(spec, index, layer, tensors, experts.gated, inits[index])
         experts.up_weight[index].copy_(tensors["up"])
         experts.down_proj[index].copy_(tensors["down"])
         if experts.biased:
@@ -156,8 +179,20 @@ def _fill_block(block: MoeBlock, layer: int, spec: UpcycleSpec, sources: list, b
             )
 
 
-def _init_router(block: MoeBlock, layer: int, spec: UpcycleSpec, prototypes: dict[int, torch.Tensor] | None) -> None:
+def _init_router(
+    block: MoeBlock,
+    layer: int,
+    spec: UpcycleSpec,
+    prototypes: dict[int, torch.Tensor] | None,
+    plugin: Callable | None,
+) -> None:
     weight = block.gate.weight
+    if plugin is not None:
+        generator = torch.Generator().manual_seed(spec.seed * 7919 + layer)
+        plugin(weight, layer=layer, experts=spec.expert_names, block=block, generator=generator)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"router.init {spec.router.init!r} left non-finite router weights in layer {layer}")
+        return
     weight.copy_(router_weight(spec, layer, weight.shape[1]))
     if prototypes is not None:
         rows = prototypes[layer]
