@@ -38,3 +38,11 @@ def qwen_moe_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "qwen-moe"
     moe.save_pretrained(out)
     return out, batch, logits(moe, batch)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A saved tiny dense Qwen2.5-VL (4 decoder layers) to train from."""
+    out = tmp_path_factory.mktemp("base") / "qwen2_5_vl"
+    tiny_model("qwen2_5_vl").save_pretrained(out)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli import inspect_cmd
+from moekit.cli import inspect_cmd, recipe_cmd
 
 app = typer.Typer(
     name="moekit",
@@ -14,6 +14,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("inspect")(inspect_cmd.inspect)
+app.command("validate")(recipe_cmd.validate)
+app.command("run")(recipe_cmd.run)
 
 
 @app.command("version")

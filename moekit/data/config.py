@@ -47,5 +47,7 @@ class DataConfig(StrictModel):
     bad_samples: Literal["skip", "fail"] = Field("fail", description="what a missing file or bad schema does")
     frames: FramesSpec = Field(default_factory=FramesSpec)
     max_length: int = Field(2048, ge=16, description="token budget per sample (longer samples are truncated)")
-    teacher_cache: str | None = Field(None, description="folder written by `moekit teach`, read instead of running teachers")
+    teacher_cache: str | None = Field(
+        None, description="folder written by `moekit teach`, read instead of running teachers"
+    )
     seed: int = 0
