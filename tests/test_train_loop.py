@@ -128,6 +128,8 @@ def test_ffn_only_specialist_feeds_an_upcycle_stage(tmp_path, tiny_base):
                             "layers": "interval:2",
                             "top_k": 2,
                             "experts": [{"name": "image", "source": {"stage": "image"}}, {"name": "base"}],
+                            "router": {"init": "prototype"},  # calibrated on the stage's own batches
+                            "calibration_batches": 2,
                         }
                     }
                 },
@@ -169,3 +171,23 @@ def test_epochs_count_steps_from_the_source_length(tmp_path, tiny_base):
     spec = stage("s", trainable=["ffn"], steps=None, epochs=1.5, grad_accum=2, data_params={"num_samples": 4})
     run(write_recipe(tmp_path, tiny_base, [spec]))  # 4 samples / (1 x 2) = 2 steps per epoch
     assert losses(tmp_path / "runs" / "s", "step") == [1, 2, 3]
+
+
+def test_lora_stage_saves_merged_weights_or_the_adapter(tmp_path, tiny_base):
+    lora = {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    path = write_recipe(
+        tmp_path,
+        tiny_base,
+        [
+            stage("merged", trainable=["lora"], lora=lora, steps=2, data_params={"kinds": ["text"]}),
+            stage("adapter", trainable=["lora"], lora=lora, save="lora_adapter", data_params={"kinds": ["text"]}),
+        ],
+    )
+    run(path)
+    merged, base = weights(tmp_path / "runs" / "merged" / "model"), weights(tiny_base)
+    assert set(merged) == set(base)
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) and k.endswith("weight") for k in changed)
+    adapter = tmp_path / "runs" / "adapter" / "model"
+    assert {"adapter_config.json", "adapter_model.safetensors", "moekit.json"} <= {p.name for p in adapter.iterdir()}
+    assert json.loads((adapter / "moekit.json").read_text())["format"] == "lora_adapter"

@@ -32,7 +32,10 @@ def validate(
     table = Table(*rows[0].keys(), title=f"{file}: {len(rows)} stage(s)")
     for row in rows:
         table.add_row(*row.values())
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes get whole lines
+    console.print(table)
     if problems:
         raise ValueError(f"{file}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
 

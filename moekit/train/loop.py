@@ -155,14 +155,15 @@ def train_stage(run: StageRun) -> Position:
     router = router_weights(stage.losses, module.model)
     stats = RoutingStats(model.config.moekit.get("experts")) if module.is_moe else None
     batches = iter(run.source(request(position.epoch, position.batch)))
-    current: PhasePlan | None = None
+    current, active = None, phases[0]  # the phase being logged, the phase whose parameters have gradients
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
     while position.step < total:
         phase = next(p for p in phases if p.start <= position.step < p.end)
         if phase is not current:
-            if current is not None or position.step > 0:
+            if phase is not active:
                 engine.set_trainable(set(phase.names))
+                active = phase
             if phase.name is not None:
                 logger.event("phase", step=position.step, phase=phase.name, trainable=[str(g) for g in phase.groups])
             current = phase

@@ -261,30 +261,16 @@ def main_process() -> bool:
 def describe(stage: Stage) -> dict[str, str]:
     """One row of `moekit validate`'s table."""
     start = stage.start
-    origin = {
-        "base": "base",
-        "stage": f"stage {start.stage}",
-        "path": f"{start.path}",
-        "upcycle": "upcycle",
-    }[start.kind]
+    origin = {"base": "base", "stage": str(start.stage), "path": str(start.path), "upcycle": "upcycle"}[start.kind]
     if start.upcycle is not None:
         u = start.upcycle
         origin = f"upcycle {u.num_experts}x top-{u.top_k} {u.layers}"
-    trainable = (
-        " | ".join(f"{p.name}: {'+'.join(map(str, p.trainable))}" for p in stage.phases)
-        if stage.phases
-        else "+".join(map(str, stage.trainable or []))
-    )
-    length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epochs"
-    schedule = stage.schedule
-    warm = schedule.warmup_ratio if schedule.warmup_steps is None else f"{schedule.warmup_steps} steps"
-    return {
-        "stage": stage.name,
-        "from": origin,
-        "trains": trainable,
-        "length": length,
-        "optimizer": f"lr {stage.optimizer.lr:g} wd {stage.optimizer.weight_decay:g}",
-        "schedule": f"{schedule.kind}, warm-up {warm or 0}",
-        "save": stage.save,
-        "precision": stage.precision,
-    }
+    if stage.phases:
+        trains = "; ".join(f"{p.name}: {', '.join(map(str, p.trainable))}" for p in stage.phases)
+    else:
+        trains = ", ".join(map(str, stage.trainable or []))
+    length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epoch(s)"
+    sched = stage.schedule
+    warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
+    optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
+    return {"stage": stage.name, "from": origin, "trains": trains, "length": length, "optimizer": optim, "save": stage.save}
