@@ -16,7 +16,13 @@ SHIPPED = sorted(RECIPES.rglob("*.yaml"))
 
 
 def test_recipes_are_shipped():
-    assert {p.name for p in SHIPPED} >= {"pipeline.yaml", "stage1_1.yaml", "stage1_2.yaml", "stage2_1.yaml", "stage2_2.yaml"}
+    assert {p.name for p in SHIPPED} >= {
+        "pipeline.yaml",
+        "stage1_1.yaml",
+        "stage1_2.yaml",
+        "stage2_1.yaml",
+        "stage2_2.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
@@ -38,7 +44,12 @@ def test_polyv_pipeline_follows_table_6():
     }
     for name, (lr, wd, warm, kind) in table.items():
         s = stages[name]
-        assert (s.optimizer.lr, s.optimizer.weight_decay, s.schedule.warmup_ratio, s.schedule.kind) == (lr, wd, warm, kind)
+        assert (s.optimizer.lr, s.optimizer.weight_decay, s.schedule.warmup_ratio, s.schedule.kind) == (
+            lr,
+            wd,
+            warm,
+            kind,
+        )
         assert s.precision == "bf16"
     assert [str(g) for g in stages["stage1_1"].trainable] == ["projector"]
     assert all(stages[f"stage1_2_{m}"].save == "ffn_only" for m in ("image", "video", "3d"))
@@ -46,7 +57,9 @@ def test_polyv_pipeline_follows_table_6():
     assert (upcycle.layers, upcycle.num_experts, upcycle.top_k) == ("interval:4", 4, 2)
     assert upcycle.stage_refs() == ["stage1_1", "stage1_2_image", "stage1_2_video", "stage1_2_3d"]
     first, second = stages["stage2_1"].phases
-    assert {str(g) for g in first.trainable} >= {"router", "synergy_heads"} and "experts" not in map(str, first.trainable)
+    assert {str(g) for g in first.trainable} >= {"router", "synergy_heads"} and "experts" not in map(
+        str, first.trainable
+    )
     assert {str(g) for g in second.trainable} >= {"experts", "router", "synergy_heads"}
     assert {str(g) for g in stages["stage2_2"].trainable} == {"router", "experts"}
     assert all(s.recipe.output_dir == "runs/polyv" for s in plan.stages)
@@ -77,12 +90,28 @@ def test_problems_are_reported_together_with_their_yaml_paths(tmp_path):
 def test_stage_consistency_rules(tmp_path):
     cases = [
         (stage("a", trainable=["ffn"], phases=[{"name": "p", "trainable": ["ffn"]}]), "either trainable"),
-        (stage("a", phases=[{"name": "p", "trainable": ["ffn"]}, {"name": "q", "trainable": ["router"]}]), "only the last phase"),
-        (stage("a", phases=[{"name": "p", "steps": 2, "trainable": ["ffn"]}, {"name": "q", "steps": 2, "trainable": ["router"]}], steps=3), "add up to 4"),
+        (
+            stage("a", phases=[{"name": "p", "trainable": ["ffn"]}, {"name": "q", "trainable": ["router"]}]),
+            "only the last phase",
+        ),
+        (
+            stage(
+                "a",
+                phases=[
+                    {"name": "p", "steps": 2, "trainable": ["ffn"]},
+                    {"name": "q", "steps": 2, "trainable": ["router"]},
+                ],
+                steps=3,
+            ),
+            "add up to 4",
+        ),
         (stage("a", trainable=["ffn"], data_source="data"), "data section is required"),
         (stage("a", trainable=["synergy_heads"]), "needs losses.synergy"),
         (stage("a", trainable=["ffn"], save="lora_adapter"), "needs a lora"),
-        (stage("a", phases=[{"name": "p", "steps": 1, "trainable": ["ffn"]}], distributed={"mode": "deepspeed"}), "not supported with DeepSpeed"),
+        (
+            stage("a", phases=[{"name": "p", "steps": 1, "trainable": ["ffn"]}], distributed={"mode": "deepspeed"}),
+            "not supported with DeepSpeed",
+        ),
         (stage("a", trainable=["ffn"], distributed={"mode": "fsdp"}), "distributed.mode"),
     ]
     for spec, message in cases:
@@ -101,7 +130,9 @@ def test_stage_references_must_point_backwards(tmp_path):
 def test_pipeline_checks_names_and_order_across_files(tmp_path):
     write_recipe(tmp_path, tmp_path, [stage("one", trainable=["ffn"])], name="r1.yaml")
     write_recipe(tmp_path, tmp_path, [stage("two", **{"from": {"stage": "three"}}, trainable=["ffn"])], name="r2.yaml")
-    write_recipe(tmp_path, tmp_path, [stage("three", trainable=["ffn"]), stage("one", trainable=["ffn"])], name="r3.yaml")
+    write_recipe(
+        tmp_path, tmp_path, [stage("three", trainable=["ffn"]), stage("one", trainable=["ffn"])], name="r3.yaml"
+    )
     (tmp_path / "p.yaml").write_text("recipes: [r1.yaml, r2.yaml, r3.yaml, missing.yaml]\noutput_dir: shared\n")
     with pytest.raises(ConfigError) as info:
         load_plan(tmp_path / "p.yaml")

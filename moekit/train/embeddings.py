@@ -49,6 +49,13 @@ def extend(model: nn.Module, first_new: int) -> ExtendedEmbedding | None:
     return wrapped
 
 
+def unwrap(model: nn.Module) -> None:
+    """Put the plain embedding back without touching its weights (the saved state carries the merged rows)."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, ExtendedEmbedding):
+        model.set_input_embeddings(embedding.base)
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> None:
     """Fold the learned rows back into the plain embedding (in place) and unwrap it."""

@@ -172,7 +172,7 @@ class Engine:
 
 
 class AccelerateEngine(Engine):
-    """One process, or DDP: accelerate places the module, wraps it and runs autocast."""
+    """One process, or DDP: accelerate places the module and wraps it."""
 
     def __init__(self, *args: Any, mode: str = "single", **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -184,9 +184,10 @@ class AccelerateEngine(Engine):
         from accelerate.utils import DistributedDataParallelKwargs
 
         find_unused = self.config.find_unused_parameters
+        # Precision stays out of accelerate: its state is per process and a pipeline may mix fp32 and bf16 stages,
+        # so autocast comes from `Engine.autocast`.
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
-            mixed_precision="bf16" if self.precision == "bf16" else "no",
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         )
         # Touching every trainable parameter keeps a micro-batch that skips the vision tower (a text sample while
@@ -198,9 +199,6 @@ class AccelerateEngine(Engine):
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.module, keep_torch_compile=False)
-
-    def autocast(self):
-        return self.accelerator.autocast()
 
     def sync(self, last_micro_step: bool):
         if last_micro_step or not self.distributed:
@@ -224,7 +222,10 @@ class AccelerateEngine(Engine):
         module = self.unwrapped()
         super().set_trainable(names)
         if self.distributed:
-            self.module = self.accelerator.prepare_model(module)
+            old, self.module = self.module, self.accelerator.prepare_model(module)
+            models = getattr(self.accelerator, "_models", [])
+            if old in models:  # let the old wrapper (and its gradient buckets) go
+                models.remove(old)
 
     def full_state_dict(self):
         if not self.is_main:

@@ -181,6 +181,9 @@ def train_stage(run: StageRun) -> Position:
                     ) from None
                 position.epoch, position.batch = position.epoch + 1, 0
                 batches = iter(run.source(request(position.epoch, 0)))
+        missing = [sorted(b) for b in micro if "labels" not in b]
+        if missing:
+            raise ValueError(f"{run.where}: a batch has no labels (-100 except answer tokens); its keys: {missing[0]}")
         answer_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen_tokens = sum(
             int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro

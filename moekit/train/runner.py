@@ -199,7 +199,7 @@ def run_stage(
             model_state = save_model.state_dict()
         elif stage.save == "lora_adapter":
             save_model = engine.unwrapped().model
-        embeddings.merge(save_model)
+        embeddings.unwrap(save_model)
         model_state = embeddings.merged_state(model_state)
         recipe = planned.recipe.model_dump(mode="json", by_alias=True)
         recipe["stages"] = [stage.model_dump(mode="json", by_alias=True)]
@@ -273,4 +273,11 @@ def describe(stage: Stage) -> dict[str, str]:
     sched = stage.schedule
     warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
     optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
-    return {"stage": stage.name, "from": origin, "trains": trains, "length": length, "optimizer": optim, "save": stage.save}
+    return {
+        "stage": stage.name,
+        "from": origin,
+        "trains": trains,
+        "length": length,
+        "optimizer": optim,
+        "save": stage.save,
+    }
