@@ -8,12 +8,16 @@ picks DDP, FSDP2 or DeepSpeed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from moekit.cli.common import fail_on_errors
+
+if TYPE_CHECKING:
+    from moekit.recipe import Stage
 
 
 @fail_on_errors
@@ -24,7 +28,7 @@ def validate(
 ) -> None:
     """Validate a recipe (or pipeline) and show its stages; exit 1 with every problem and its YAML path."""
     from moekit.recipe import load_plan
-    from moekit.train.runner import component_problems, describe
+    from moekit.train.runner import component_problems
 
     plan = load_plan(file, overrides)
     problems = [p for s in plan.stages for p in component_problems(s.stage, s.where)] if components else []
@@ -56,3 +60,28 @@ def run(
     if main_process():
         for path in outputs:
             typer.echo(f"wrote {path}")
+
+
+def describe(stage: Stage) -> dict[str, str]:
+    """One row of `moekit validate`'s table."""
+    start = stage.start
+    origin = {"base": "base", "stage": str(start.stage), "path": str(start.path), "upcycle": "upcycle"}[start.kind]
+    if start.upcycle is not None:
+        u = start.upcycle
+        origin = f"upcycle {u.num_experts}x top-{u.top_k} {u.layers}"
+    if stage.phases:
+        trains = "; ".join(f"{p.name}: {', '.join(map(str, p.trainable))}" for p in stage.phases)
+    else:
+        trains = ", ".join(map(str, stage.trainable or []))
+    length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epoch(s)"
+    sched = stage.schedule
+    warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
+    optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
+    return {
+        "stage": stage.name,
+        "from": origin,
+        "trains": trains,
+        "length": length,
+        "optimizer": optim,
+        "save": stage.save,
+    }

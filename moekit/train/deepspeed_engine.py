@@ -57,7 +57,7 @@ class DeepSpeedEngine(Engine):
 
     mode = "deepspeed"
 
-    def prepare(self, module, trainable, optimizer, scheduler, unused):
+    def prepare(self, module, trainable, optimizer, scheduler):
         deepspeed = deepspeed_module()
         config = deepspeed_config(self)
         config["gradient_clipping"] = float(self.max_grad_norm or 0.0)

@@ -89,8 +89,9 @@ class Engine:
         return self.module
 
     def prepare(
-        self, module: nn.Module, trainable: set[str], optimizer: Optimizer, scheduler: SchedulerFactory, unused: bool
+        self, module: nn.Module, trainable: set[str], optimizer: Optimizer, scheduler: SchedulerFactory
     ) -> None:
+        """Wrap `module` for this mode and build AdamW over `trainable` (every parameter any phase trains)."""
         raise NotImplementedError
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -179,7 +180,7 @@ class AccelerateEngine(Engine):
         self.mode = mode
         self.accelerator = None
 
-    def prepare(self, module, trainable, optimizer, scheduler, unused):
+    def prepare(self, module, trainable, optimizer, scheduler):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -238,7 +239,7 @@ class Fsdp2Engine(Engine):
 
     mode = "fsdp2"
 
-    def prepare(self, module, trainable, optimizer, scheduler, unused):
+    def prepare(self, module, trainable, optimizer, scheduler):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         module.to(self.device)

@@ -134,7 +134,6 @@ def train_stage(run: StageRun) -> Position:
         union,
         stage.optimizer,
         lambda optimizer: build_scheduler(stage.schedule, optimizer, total),
-        unused=bool(module.synergy_heads),
     )
     position = Position(world_size=engine.world_size, batch_size=stage.batch_size, grad_accum=stage.grad_accum)
     checkpoint = latest_checkpoint(run.stage_dir) if run.resume else None
@@ -156,7 +155,7 @@ def train_stage(run: StageRun) -> Position:
     stats = RoutingStats(model.config.moekit.get("experts")) if module.is_moe else None
     batches = iter(run.source(request(position.epoch, position.batch)))
     current, active = None, phases[0]  # the phase being logged, the phase whose parameters have gradients
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
 
     while position.step < total:
         phase = next(p for p in phases if p.start <= position.step < p.end)
@@ -191,8 +190,9 @@ def train_stage(run: StageRun) -> Position:
         step_counts = engine.all_reduce(torch.tensor([answer_tokens, seen_tokens], dtype=torch.float64))
         ce_scale = engine.world_size / max(float(step_counts[0]), 1.0)
 
-        step_terms: dict[str, float] = {}
+        step_terms: dict[str, torch.Tensor] = {}  # summed over micro-batches, read only when logging
         lr = engine.lr()
+        logging_step = (position.step + 1) % stage.log_every == 0 or position.step + 1 == total
         for index, batch in enumerate(micro):
             last = index == len(micro) - 1
             batch = dict(batch)
@@ -204,7 +204,7 @@ def train_stage(run: StageRun) -> Position:
             batch.pop("sample_ids", None)
             inputs = to_device(batch, engine.device)
             teacher = resolve_teacher(to_device(teacher, engine.device), run.teachers)
-            record = stats is not None and position.step % stage.log_every == 0
+            record = stats is not None and logging_step
             with engine.sync(last):
                 with stats.recording(model) if record else contextlib.nullcontext(), engine.autocast():
                     terms = engine.forward(inputs, labels.to(engine.device), teacher, modalities)
@@ -212,14 +212,13 @@ def train_stage(run: StageRun) -> Position:
                 engine.backward(loss)
             engine.micro_step_done(last)
             for key, value in terms.items():
-                step_terms[key] = step_terms.get(key, 0.0) + float(value.detach())
+                step_terms[key] = step_terms.get(key, 0.0) + value.detach().double()
         grad_norm = engine.step()
         position.step += 1
         position.tokens += int(step_counts[1])
-        window_steps += 1
         window_tokens += int(step_counts[1])
 
-        if position.step % stage.log_every == 0 or position.step == total:
+        if logging_step:
             metrics = step_metrics(step_terms, engine, stage, router, len(micro))
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics.update(lr=lr, grad_norm=grad_norm, tokens=position.tokens, tokens_per_s=window_tokens / elapsed)
@@ -227,7 +226,7 @@ def train_stage(run: StageRun) -> Position:
                 metrics.update(routing_metrics(stats))
                 stats = RoutingStats(stats.expert_names)
             logger.train(position.step, phase.name, metrics)
-            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+            window_tokens, window_start = 0, time.perf_counter()
         if stage.save_every and (position.step % stage.save_every == 0 or position.step == total):
             path = save_checkpoint(engine, run.stage_dir, position, stage.keep_checkpoints)
             logger.event("checkpoint", step=position.step, path=str(path))
@@ -236,11 +235,11 @@ def train_stage(run: StageRun) -> Position:
 
 
 def step_metrics(
-    step_terms: dict[str, float], engine: Engine, stage: Stage, router: tuple[float, float], micro_steps: int
+    step_terms: dict[str, torch.Tensor], engine: Engine, stage: Stage, router: tuple[float, float], micro_steps: int
 ) -> dict[str, float]:
     """Step-level loss values, averaged over micro-batches and processes (CE over the step's answer tokens)."""
     keys = sorted(step_terms)
-    values = engine.all_reduce(torch.tensor([step_terms[k] for k in keys], dtype=torch.float64))
+    values = engine.all_reduce(torch.stack([step_terms[k].reshape(()) for k in keys]))
     summed = dict(zip(keys, values.tolist()))
     ce = summed.pop("ce_sum") / max(summed.pop("ce_tokens"), 1.0)
     denominator = micro_steps * engine.world_size

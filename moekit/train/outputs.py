@@ -76,14 +76,18 @@ def load_tokenizer(path: str | Path) -> Any | None:
 
 
 def saved_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """Map module-path keys of `model` to the names `save_pretrained` writes for them (legacy renames)."""
+    """Map module-path keys of `model` to the names `save_pretrained` writes for them (legacy renames).
+
+    One key at a time with a placeholder tensor, so sharded parameters are never read: FFN tensors are only
+    ever renamed, never split or fused, by transformers' conversions.
+    """
     from transformers.core_model_loading import revert_weight_conversion
 
-    state = model.state_dict()
-    subset = {k: state[k] for k in keys}
-    by_ptr = {v.data_ptr(): k for k, v in subset.items()}
-    reverted = revert_weight_conversion(model, dict(subset))
-    return {by_ptr[v.data_ptr()]: name for name, v in reverted.items()}
+    names = {}
+    for key in keys:
+        (saved,) = revert_weight_conversion(model, {key: torch.empty(0)})
+        names[key] = saved
+    return names
 
 
 def ffn_keys(model: nn.Module, adapter: ArchAdapter) -> list[str]:

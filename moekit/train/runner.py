@@ -152,10 +152,9 @@ def _ref_path(plan: Plan, planned: PlannedStage, ref: str | StageRef) -> Path:
 
 
 def _calibration(stage: Stage, model: nn.Module, source: BatchSource, count: int) -> list[dict[str, Any]]:
-    state = process_state()
-    request = BatchRequest(
-        stage, model, None, stage.batch_size, state.process_index, state.num_processes, 0, 0, stage.seed
-    )
+    """The first batches of the stage as one process would see them: every process must build the same
+    router (FSDP2 shards each process's own copy)."""
+    request = BatchRequest(stage, model, None, stage.batch_size, rank=0, world_size=1, epoch=0, seed=stage.seed)
     batches = []
     for batch in itertools.islice(source(request), count):
         batches.append({k: v for k, v in batch.items() if k not in EXTRAS or k == "sample_modalities"})
@@ -188,41 +187,48 @@ def run_stage(
     run = StageRun(stage, planned.output_dir, module, engine, source, tokenizer, teachers, where, resume)
     position = train_stage(run)
 
-    state = engine.full_state_dict()
-    target = output_path(planned.output_dir)
-    if engine.is_main:
-        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        head_state = {k.removeprefix("synergy_heads."): v for k, v in state.items() if k.startswith("synergy_heads.")}
-        save_model = hf_model(engine.unwrapped().model)
-        if stage.lora is not None and stage.save != "lora_adapter":
-            save_model = engine.unwrapped().model.merge_and_unload()
-            model_state = save_model.state_dict()
-        elif stage.save == "lora_adapter":
-            save_model = engine.unwrapped().model
-        embeddings.unwrap(save_model)
-        model_state = embeddings.merged_state(model_state)
-        recipe = planned.recipe.model_dump(mode="json", by_alias=True)
-        recipe["stages"] = [stage.model_dump(mode="json", by_alias=True)]
-        meta = {
-            "stage": stage.name,
-            "recipe": planned.source,
-            "started_from": stage.start.model_dump(mode="json", exclude_none=True) or "base",
-            "steps": position.step,
-            "tokens": position.tokens,
-        }
-        save_output(
-            target,
-            stage.save,
-            save_model,
-            model_state,
-            heads=head_state,
-            tokenizer=tokenizer,
-            source_dir=source_dir,
-            meta=meta,
-            recipe=recipe,
-        )
+    target = write_output(planned, engine, module, tokenizer, source_dir, position)
     engine.barrier()
     return target
+
+
+def write_output(planned: PlannedStage, engine, module: TrainModule, tokenizer, source_dir: Path, position) -> Path:
+    """Gather the trained weights (every process calls this) and write the stage output on the main process."""
+    stage = planned.stage
+    state = engine.full_state_dict()
+    target = output_path(planned.output_dir)
+    if not engine.is_main:
+        return target
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    head_state = {k.removeprefix("synergy_heads."): v for k, v in state.items() if k.startswith("synergy_heads.")}
+    trained = engine.unwrapped().model
+    save_model = hf_model(trained)
+    if stage.save == "lora_adapter":
+        save_model = trained
+    elif stage.lora is not None:
+        save_model = trained.merge_and_unload()
+        model_state = save_model.state_dict()
+    embeddings.unwrap(save_model)
+    recipe = planned.recipe.model_dump(mode="json", by_alias=True)
+    recipe["stages"] = [stage.model_dump(mode="json", by_alias=True)]
+    meta = {
+        "stage": stage.name,
+        "recipe": planned.source,
+        "started_from": stage.start.model_dump(mode="json", exclude_none=True) or "base",
+        "steps": position.step,
+        "tokens": position.tokens,
+    }
+    return save_output(
+        target,
+        stage.save,
+        save_model,
+        embeddings.merged_state(model_state),
+        heads=head_state,
+        tokenizer=tokenizer,
+        source_dir=source_dir,
+        meta=meta,
+        recipe=recipe,
+    )
 
 
 def _heads(stage: Stage, where: str, model: nn.Module, tokenizer: Any) -> dict[str, nn.Module]:
@@ -256,28 +262,3 @@ def _lora(model: nn.Module, stage: Stage) -> nn.Module:
 
 def main_process() -> bool:
     return process_state().is_main_process
-
-
-def describe(stage: Stage) -> dict[str, str]:
-    """One row of `moekit validate`'s table."""
-    start = stage.start
-    origin = {"base": "base", "stage": str(start.stage), "path": str(start.path), "upcycle": "upcycle"}[start.kind]
-    if start.upcycle is not None:
-        u = start.upcycle
-        origin = f"upcycle {u.num_experts}x top-{u.top_k} {u.layers}"
-    if stage.phases:
-        trains = "; ".join(f"{p.name}: {', '.join(map(str, p.trainable))}" for p in stage.phases)
-    else:
-        trains = ", ".join(map(str, stage.trainable or []))
-    length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epoch(s)"
-    sched = stage.schedule
-    warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
-    optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
-    return {
-        "stage": stage.name,
-        "from": origin,
-        "trains": trains,
-        "length": length,
-        "optimizer": optim,
-        "save": stage.save,
-    }
