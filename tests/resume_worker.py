@@ -11,6 +11,7 @@ from moekit.train.sources import tiny_source
 
 
 def crash_after(micro_batches: int):
+    """A batch source that fails like a killed job once it has handed out `micro_batches` micro-batches."""
     handed = 0
 
     def source(request):

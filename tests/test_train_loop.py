@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 import moekit
 from moekit.arch import resolve_arch
 from moekit.train.outputs import load_model
-from moekit.train.sources import tiny_source
 
 from .recipes import losses, run, stage, write_recipe
+from .resume_worker import crash_after
 
 UPCYCLE = {"upcycle": {"layers": "interval:2", "num_experts": 3, "top_k": 2}}
 
@@ -60,21 +60,6 @@ def test_phases_switch_groups_and_frozen_groups_stop_moving(tmp_path, tiny_base)
             assert torch.equal(p[name], b[name]), name
     events = [json.loads(line) for line in (tmp_path / "runs" / "phased" / "logs" / "metrics.jsonl").open()]
     assert [(e["step"], e["phase"]) for e in events if e["event"] == "phase"] == [(0, "router"), (1, "proj")]
-
-
-def crash_after(micro_batches: int):
-    """A batch source that fails like a killed job once it has handed out `micro_batches` micro-batches."""
-    handed = 0
-
-    def source(request):
-        nonlocal handed
-        for batch in tiny_source(request):
-            if handed == micro_batches:
-                raise KeyboardInterrupt("simulated crash")
-            handed += 1
-            yield batch
-
-    return source
 
 
 def test_resume_reproduces_the_losses_of_an_uninterrupted_run(tmp_path, tiny_base):

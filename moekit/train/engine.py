@@ -11,6 +11,7 @@ asserts on CPU batch sizes, so the sharded modes call `torch.distributed.fsdp.fu
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,7 +59,7 @@ def adamw(groups: list[dict[str, Any]], optimizer: Optimizer) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps)
 
 
-class Engine:
+class Engine(abc.ABC):
     """Common state: processes, device, the wrapped module, optimizer and schedule."""
 
     mode = "single"
@@ -88,11 +89,11 @@ class Engine:
     def unwrapped(self) -> nn.Module:
         return self.module
 
+    @abc.abstractmethod
     def prepare(
         self, module: nn.Module, trainable: set[str], optimizer: Optimizer, scheduler: SchedulerFactory
     ) -> None:
         """Wrap `module` for this mode and build AdamW over `trainable` (every parameter any phase trains)."""
-        raise NotImplementedError
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "bf16":
@@ -109,12 +110,12 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def micro_step_done(self, last: bool) -> None:
+    def micro_step_done(self, last: bool) -> None:  # noqa: B027 (a hook; only DeepSpeed needs it)
         """Called after each micro-step's backward (DeepSpeed counts micro-steps itself)."""
 
+    @abc.abstractmethod
     def step(self) -> float:
         """Clip, update, advance the schedule, clear gradients; return the gradient norm before clipping."""
-        raise NotImplementedError
 
     def set_trainable(self, names: set[str]) -> None:
         """Switch which parameters receive gradients (phases); the optimizer keeps every state it has."""
@@ -148,9 +149,9 @@ class Engine:
 
             dist.barrier()
 
+    @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole module's weights on CPU in the main process (None elsewhere); every process must call it."""
-        raise NotImplementedError
 
     def save_state(self, directory: Path) -> None:
         """Model and optimizer state for resuming (every process calls it; DCP writes each shard once)."""

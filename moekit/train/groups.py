@@ -45,7 +45,7 @@ def _at(model: nn.Module, path: str) -> list[nn.Parameter]:
 
 
 def _projector(model: nn.Module) -> list[nn.Parameter]:
-    family = FAMILIES.get(_base_type(model))
+    family = FAMILIES.get(base_model_type(model))
     if family is not None:
         return [p for path in family.projector for p in _at(model, path)]
     found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
@@ -53,7 +53,7 @@ def _projector(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _vision(model: nn.Module) -> list[nn.Parameter]:
-    family = FAMILIES.get(_base_type(model))
+    family = FAMILIES.get(base_model_type(model))
     path = family.vision if family is not None else None
     if path is None:
         found = [
@@ -64,7 +64,8 @@ def _vision(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in (_at(model, path) if path else []) if id(p) not in projector]
 
 
-def _base_type(model: nn.Module) -> str:
+def base_model_type(model: nn.Module) -> str:
+    """The dense family of a model (`qwen2_5_vl` for a moekit MoE model built from one)."""
     meta = getattr(model.config, "moekit", None)
     return meta["base_model_type"] if isinstance(meta, dict) else model.config.model_type
 
@@ -121,7 +122,7 @@ def select(train_module: nn.Module, groups: Iterable[Group], where: str) -> list
             hits = table[group.name]
         if not hits:
             present = [g for g in GROUP_NAMES if table.get(g)]
-            kind = _base_type(hf_model(train_module.model))
+            kind = base_model_type(hf_model(train_module.model))
             raise ValueError(
                 f"{where}: group {group} selects no parameter of this {kind} model; groups with parameters here: "
                 f"{', '.join(present)}"

@@ -24,6 +24,7 @@ from torch import nn
 
 from moekit.config import StrictModel, parse_config
 from moekit.recipe.schema import Stage
+from moekit.train.groups import base_model_type
 
 
 @dataclass
@@ -94,8 +95,7 @@ class TinyBatches:
     def __init__(self, request: BatchRequest, params: TinyParams):
         self.request = request
         self.params = params
-        meta = getattr(request.model.config, "moekit", None)
-        self.family = meta["base_model_type"] if isinstance(meta, dict) else request.model.config.model_type
+        self.family = base_model_type(request.model)
         per_process = len(range(request.rank, params.num_samples, request.world_size))
         self.length = per_process // request.batch_size
 
