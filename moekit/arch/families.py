@@ -38,24 +38,37 @@ class Family:
     video: bool = False  # whether the family takes video input
     native_moe: str | None = None  # transformers' stock MoE twin, if any (see moekit export --native)
     visual: VisualSite | None = None  # where visual tokens enter LLM space (position encoders), if known
+    vision: str | None = None  # module path of the vision tower (trainable group `vision_tower`)
+    projector: tuple[str, ...] = ()  # module/parameter paths of the vision-language projector (group `projector`)
 
 
 _VLM = "model.language_model.layers"
-
-_QWEN_VISUAL = VisualSite("merged_patches")
+_QWEN = dict(video=True, vision="model.visual", projector=("model.visual.merger",), visual=VisualSite("merged_patches"))
+_TOWER = dict(vision="model.vision_tower", projector=("model.multi_modal_projector",))
+_IDEFICS = dict(vision="model.vision_model", projector=("model.connector",))
 
 FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family(_VLM, video=True, visual=_QWEN_VISUAL),
-    "qwen2_5_vl": Family(_VLM, video=True, visual=_QWEN_VISUAL),
-    "qwen3_vl": Family(_VLM, video=True, native_moe="qwen3_vl_moe", visual=_QWEN_VISUAL),
-    "llava": Family(_VLM),
-    "llava_onevision": Family(_VLM, video=True, visual=VisualSite("pooled_frames")),
-    "idefics3": Family("model.text_model.layers"),
-    "smolvlm": Family("model.text_model.layers"),
-    "gemma3": Family(_VLM),
-    "internvl": Family(_VLM),
-    "mistral3": Family(_VLM),
-    "paligemma": Family(_VLM),
+    "qwen2_vl": Family(_VLM, **_QWEN),
+    "qwen2_5_vl": Family(_VLM, **_QWEN),
+    "qwen3_vl": Family(
+        _VLM,
+        **{**_QWEN, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+        native_moe="qwen3_vl_moe",
+    ),
+    "llava": Family(_VLM, **_TOWER),
+    "llava_onevision": Family(
+        _VLM,
+        video=True,
+        vision="model.vision_tower",
+        projector=("model.multi_modal_projector", "model.image_newline"),
+        visual=VisualSite("pooled_frames"),
+    ),
+    "idefics3": Family("model.text_model.layers", **_IDEFICS),
+    "smolvlm": Family("model.text_model.layers", **_IDEFICS),
+    "gemma3": Family(_VLM, **_TOWER),
+    "internvl": Family(_VLM, **_TOWER),
+    "mistral3": Family(_VLM, **_TOWER),
+    "paligemma": Family(_VLM, **_TOWER),
     "qwen2": Family("model.layers", auto="causal-lm"),
     "qwen3": Family("model.layers", auto="causal-lm", native_moe="qwen3_moe"),
     "llama": Family("model.layers", auto="causal-lm", native_moe="mixtral"),

@@ -9,6 +9,7 @@ from moekit.cli import (
     export_cmd,
     inspect_cmd,
     plugins_cmd,
+    recipe_cmd,
     routes_cmd,
     synth_cmd,
     teach_cmd,
@@ -34,6 +35,8 @@ app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
 app.command("routes")(routes_cmd.routes)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("plugins")(plugins_cmd.plugins)
+app.command("validate")(recipe_cmd.validate)
+app.command("run")(recipe_cmd.run)
 
 
 @app.command("version")

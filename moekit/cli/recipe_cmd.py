@@ -1,0 +1,87 @@
+"""`moekit validate FILE` and `moekit run FILE`: check and run a training recipe or a pipeline of recipes.
+
+Several processes: `torchrun --nproc_per_node N $(which moekit) run FILE` or
+`accelerate launch --multi_gpu --num_processes N $(which moekit) run FILE`; the recipe's `distributed.mode`
+picks DDP, FSDP2 or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moekit.cli.common import fail_on_errors
+
+if TYPE_CHECKING:
+    from moekit.recipe import Stage
+
+
+@fail_on_errors
+def validate(
+    file: Path = typer.Argument(..., help="recipe or pipeline YAML"),
+    overrides: list[str] = typer.Option([], "--set", help="override a key before validation, e.g. stages[0].steps=10"),
+    components: bool = typer.Option(True, help="also check plug-in component names and parameters"),
+) -> None:
+    """Validate a recipe (or pipeline) and show its stages; exit 1 with every problem and its YAML path."""
+    from moekit.recipe import load_plan
+    from moekit.train.runner import component_problems
+
+    plan = load_plan(file, overrides)
+    problems = [p for s in plan.stages for p in component_problems(s.stage, s.where)] if components else []
+    rows = [describe(s.stage) for s in plan.stages]
+    table = Table(*rows[0].keys(), title=f"{file}: {len(rows)} stage(s)")
+    for row in rows:
+        table.add_row(*row.values())
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes get whole lines
+    console.print(table)
+    if problems:
+        raise ValueError(f"{file}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
+@fail_on_errors
+def run(
+    file: Path = typer.Argument(..., help="recipe or pipeline YAML"),
+    overrides: list[str] = typer.Option([], "--set", help="override a key before validation, e.g. stages[0].steps=10"),
+    resume: bool = typer.Option(False, "--resume", help="skip finished stages, continue from the last checkpoint"),
+    only: list[str] = typer.Option([], "--only", help="run only these stages (repeatable)"),
+) -> None:
+    """Run a recipe's stages in order (launch with torchrun / accelerate launch for several processes)."""
+    from moekit.recipe import load_plan
+    from moekit.train.runner import main_process, run_plan
+
+    plan = load_plan(file, overrides)
+    outputs = run_plan(plan, resume=resume, only=only)
+    if main_process():
+        for path in outputs:
+            typer.echo(f"wrote {path}")
+
+
+def describe(stage: Stage) -> dict[str, str]:
+    """One row of `moekit validate`'s table."""
+    start = stage.start
+    origin = {"base": "base", "stage": str(start.stage), "path": str(start.path), "upcycle": "upcycle"}[start.kind]
+    if start.upcycle is not None:
+        u = start.upcycle
+        origin = f"upcycle {u.num_experts}x top-{u.top_k} {u.layers}"
+    if stage.phases:
+        trains = "; ".join(f"{p.name}: {', '.join(map(str, p.trainable))}" for p in stage.phases)
+    else:
+        trains = ", ".join(map(str, stage.trainable or []))
+    length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epoch(s)"
+    sched = stage.schedule
+    warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
+    optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
+    return {
+        "stage": stage.name,
+        "from": origin,
+        "trains": trains,
+        "length": length,
+        "optimizer": optim,
+        "save": stage.save,
+    }

@@ -1,0 +1,118 @@
+"""DeepSpeed ZeRO-2/3 through `deepspeed.initialize` (the `deepspeed` extra: `pip install moekit[deepspeed]`).
+
+The recipe supplies batch sizes, accumulation, clipping and precision; `distributed.deepspeed_config` may add
+anything else (offload, bucket sizes) and may not contradict the recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from moekit.config import load_yaml
+from moekit.train.engine import Engine, adamw, param_groups
+
+
+def deepspeed_module():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ValueError(
+            "distributed.mode is deepspeed but deepspeed is not installed; install the extra: "
+            "pip install 'moekit[deepspeed]'"
+        ) from None
+    return deepspeed
+
+
+def deepspeed_config(engine: Engine) -> dict[str, Any]:
+    """The recipe's settings in DeepSpeed's terms, with the user's file merged underneath."""
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": engine.micro_batch,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "train_batch_size": engine.micro_batch * engine.grad_accum * engine.world_size,
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "zero_optimization": {"stage": engine.config.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if engine.config.deepspeed_config is None:
+        return ours
+    path = Path(engine.config.deepspeed_config)
+    user = json.loads(path.read_text()) if path.suffix == ".json" else load_yaml(path)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if user.get(key, "auto") not in ("auto", ours[key]):
+            raise ValueError(f"{path}: {key}={user[key]} contradicts the recipe ({ours[key]}); remove it or use 'auto'")
+    if "optimizer" in user or "scheduler" in user:
+        raise ValueError(f"{path}: the recipe sets the optimizer and schedule; remove 'optimizer'/'scheduler' here")
+    merged = {**user, **{k: v for k, v in ours.items() if k != "zero_optimization"}}
+    merged["zero_optimization"] = {**user.get("zero_optimization", {}), "stage": engine.config.zero_stage}
+    return merged
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-2 shards optimizer state and gradients, ZeRO-3 the weights too; DeepSpeed accumulates itself."""
+
+    mode = "deepspeed"
+
+    def prepare(self, module, trainable, optimizer, scheduler):
+        deepspeed = deepspeed_module()
+        config = deepspeed_config(self)
+        config["gradient_clipping"] = float(self.max_grad_norm or 0.0)
+        base = adamw(param_groups(module, trainable, optimizer), optimizer)
+        if self.config.zero_stage == 2:  # ZeRO-3 holds no full weight outside its module (see docs/training.md)
+            module.touch = set(trainable)
+        self.module, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=base, config=config)
+        # The schedule drives the wrapped optimizer's param groups (shared with ZeRO's), stepped by the loop.
+        self.scheduler = scheduler(base)
+        self._base = base
+
+    def unwrapped(self):
+        return self.module.module
+
+    def backward(self, loss):
+        self.module.backward(loss, scale_wrt_gas=False)  # the loop already scales for accumulation
+
+    def autocast(self):
+        return contextlib.nullcontext()  # bf16 weights: DeepSpeed keeps the module in bf16 with fp32 masters
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def micro_step_done(self, last):
+        # DeepSpeed counts micro-steps in `step()` and updates only at the accumulation boundary.
+        if not last:
+            self.module.step()
+
+    def step(self):
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        self.scheduler.step()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self._base.param_groups[0]["lr"])
+
+    def full_state_dict(self):
+        if self.config.zero_stage == 3:
+            state = self.module._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.unwrapped().state_dict()
+        if not self.is_main or state is None:
+            return None
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+
+    def save_state(self, directory: Path) -> None:
+        self.module.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.module.load_checkpoint(
+            str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory / 'deepspeed'}: no DeepSpeed state to resume from")
+
+    def set_trainable(self, names):
+        raise ValueError("phases are not supported with DeepSpeed (its optimizer fixes the trainable set)")

@@ -1,0 +1,109 @@
+"""`TrainModule`: the model plus its synergy heads, one forward that returns every raw loss term.
+
+Distributed wrappers (DDP, FSDP2, DeepSpeed) wrap this module, so head parameters are reduced and sharded with
+the model's. The loop weights and normalises the terms (`compose`), because the CE normaliser (answer tokens
+of the whole optimizer step, over every process) is only known outside one micro-batch.
+
+Synergy heads are plug-in components (`moekit_synergy_heads`): after `head.prepare(model, tokenizer)`,
+`head(hidden_states=..., input_ids=..., teacher=...)` returns a dict of named loss tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.moe import MoeBlock, router_losses
+from moekit.moe.context import get_context
+from moekit.recipe.schema import Losses
+from moekit.train.groups import hf_model
+
+
+class TrainModule(nn.Module):
+    """`model` (a transformers model, maybe under peft) and `synergy_heads` (name -> head module)."""
+
+    def __init__(self, model: nn.Module, heads: dict[str, nn.Module] | None = None):
+        super().__init__()
+        self.model = model
+        self.synergy_heads = nn.ModuleDict(heads or {})
+        self.is_moe = any(isinstance(m, MoeBlock) for m in hf_model(model).modules())
+        # Parameters every forward must touch (set by sharded engines): a process whose micro-batch skips the
+        # vision tower or a head would otherwise reduce fewer gradients than the others and deadlock.
+        self.touch: set[str] = set()
+
+    def forward(
+        self,
+        inputs: dict[str, Any],
+        labels: torch.Tensor,
+        teacher: dict[str, Any] | None = None,
+        sample_modalities: list[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Raw terms: `ce_sum` (summed over answer tokens), `ce_tokens`, router losses, `<head>/<term>`."""
+        base = hf_model(self.model)
+        if self.is_moe:
+            context = get_context(base)
+            context.sample_modalities = sample_modalities
+            # peft calls the inner forward directly, past the model's pre-hook: fill the context here.
+            context.observe(inputs.get("input_ids"), inputs.get("attention_mask"))
+        out = self.model(**inputs, use_cache=False, output_hidden_states=bool(self.synergy_heads))
+        shift_labels = labels[:, 1:]
+        answer = shift_labels != -100
+        logits = out.logits[:, :-1][answer].float()
+        terms = {
+            "ce_sum": F.cross_entropy(logits, shift_labels[answer], reduction="sum"),
+            "ce_tokens": answer.sum(),
+        }
+        if self.is_moe:
+            router = router_losses(base)
+            terms["load_balancing"] = router.load_balancing
+            terms["z_loss"] = router.z_loss
+        for name, head in self.synergy_heads.items():
+            produced = head(
+                hidden_states=out.hidden_states[-1], input_ids=inputs.get("input_ids"), teacher=teacher or {}
+            )
+            for term, value in produced.items():
+                terms[f"{name}/{term}"] = value
+        if self.touch:
+            touched = [p.reshape(-1)[0] for n, p in self.named_parameters() if n in self.touch and p.requires_grad]
+            if touched:
+                terms["ce_sum"] = terms["ce_sum"] + 0.0 * torch.stack(touched).sum()
+        return terms
+
+
+def router_weights(losses: Losses, model: nn.Module) -> tuple[float, float]:
+    """(alpha, z) from the recipe, defaulting to the coefficients the model was upcycled with."""
+    meta = getattr(hf_model(model).config, "moekit", None)
+    spec = meta.get("spec", {}) if isinstance(meta, dict) else {}
+    alpha = losses.load_balancing if losses.load_balancing is not None else spec.get("aux_loss_coef", 0.0)
+    z = losses.z_loss if losses.z_loss is not None else spec.get("z_loss_coef", 0.0)
+    return float(alpha), float(z)
+
+
+def compose(
+    terms: dict[str, torch.Tensor],
+    losses: Losses,
+    router: tuple[float, float],
+    ce_scale: float,
+    micro_scale: float,
+) -> torch.Tensor:
+    """The loss to back-propagate for one micro-batch.
+
+    `ce_scale` turns the summed CE into its share of the step's token mean (world_size / answer tokens of the
+    step over all processes, since the gradient reduction averages over processes); `micro_scale` (1 /
+    grad_accum) averages the per-micro-batch terms over the step.
+    """
+    total = losses.ce * ce_scale * terms["ce_sum"]
+    alpha, z = router
+    if "load_balancing" in terms and alpha:
+        total = total + micro_scale * alpha * terms["load_balancing"]
+    if "z_loss" in terms and z:
+        total = total + micro_scale * z * terms["z_loss"]
+    for head in losses.synergy:
+        for key, value in terms.items():
+            if key.startswith(f"{head.name}/"):
+                weight = head.weight * head.terms.get(key.split("/", 1)[1], 1.0)
+                total = total + micro_scale * weight * value
+    return total

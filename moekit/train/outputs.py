@@ -1,0 +1,174 @@
+"""Stage inputs and outputs: load the model a stage starts from, and write what it produced.
+
+A stage's output is `<output_dir>/<stage>/model/`, written atomically, with `moekit.json` (format, stage,
+provenance) and `recipe.yaml` (the recipe that made it):
+- `full`: a transformers checkpoint (`save_pretrained`), a moekit MoE checkpoint for upcycled models, plus the
+  tokenizer and processor files and `synergy_heads.safetensors` when heads trained;
+- `ffn_only`: only the decoder FFN tensors of a dense model, under the exact key names `save_pretrained` of
+  that family writes (e.g. `model.layers.0.mlp.gate_proj.weight` for Qwen2.5-VL), for
+  `moekit upcycle --expert image=DIR` and `upcycle` steps of later stages;
+- `lora_adapter`: the peft adapter only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moekit.arch import ArchAdapter, ffn_state_keys, resolve_arch
+from moekit.io.atomic import atomic_dir
+
+FORMATS = ("full", "ffn_only", "lora_adapter")
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+NOT_COPIED = {"config.json", "generation_config.json", "moekit.json", "recipe.yaml", "model.safetensors.index.json"}
+
+
+def output_path(stage_dir: Path) -> Path:
+    return stage_dir / "model"
+
+
+def read_stage_meta(path: Path) -> dict[str, Any] | None:
+    file = Path(path) / "moekit.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def load_model(path: str | Path, *, where: str) -> nn.Module:
+    """A dense transformers model or a moekit MoE model from a local directory, in float32."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    import moekit
+    from moekit.modeling.meta_model import read_config
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{where}: {path} has no config.json; expected a local checkpoint directory")
+    meta = read_stage_meta(path)
+    if meta is not None and meta.get("format") != "full":
+        raise ValueError(
+            f"{where}: {path} holds a {meta.get('format')} output (stage {meta.get('stage')!r}), not a whole model; "
+            "use it as an expert source of an upcycle step, or start from the stage it was trained from"
+        )
+    config = read_config(path)
+    if config.model_type.startswith("moekit_"):
+        return moekit.load(path, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
+    )
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The tokenizer saved beside a checkpoint, or None when it has none."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+
+
+def saved_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Map module-path keys of `model` to the names `save_pretrained` writes for them (legacy renames).
+
+    One key at a time with a placeholder tensor, so sharded parameters are never read: FFN tensors are only
+    ever renamed, never split or fused, by transformers' conversions.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = {}
+    for key in keys:
+        (saved,) = revert_weight_conversion(model, {key: torch.empty(0)})
+        names[key] = saved
+    return names
+
+
+def ffn_keys(model: nn.Module, adapter: ArchAdapter) -> list[str]:
+    """Module-path keys of every decoder FFN tensor of a dense model."""
+    state = model.state_dict()
+    keys = []
+    for layer in range(adapter.num_layers):
+        for names in ffn_state_keys(adapter.ffn, adapter.ffn_prefix(layer)).values():
+            keys += [k for k in names if k in state]
+    return keys
+
+
+def read_ffn_state(path: str | Path, model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    """FFN tensors of a full or FFN-only checkpoint, keyed by module path of the dense `model` (same family)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{where}: {path} holds no .safetensors files")
+    adapter = resolve_arch(model)
+    names = saved_names(model, ffn_keys(model, adapter))
+    wanted = {saved: module for module, saved in names.items()}
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                module_key = wanted.get(key, key if key in names else None)
+                if module_key is not None:
+                    out[module_key] = fh.get_tensor(key).float()
+    missing = sorted(set(names) - set(out))
+    if missing:
+        raise KeyError(f"{where}: {path} lacks FFN tensors, e.g. {names[missing[0]]!r} ({len(missing)} missing)")
+    return out
+
+
+def _copy_side_files(source: Path | None, target: Path) -> None:
+    """Tokenizer, processor and chat-template files travel with the weights to the next stage."""
+    if source is None or not source.is_dir():
+        return
+    for file in source.iterdir():
+        if file.is_file() and file.name not in NOT_COPIED and not file.name.endswith(WEIGHT_FILES):
+            shutil.copy2(file, target / file.name)
+
+
+def _provenance(target: Path, fmt: str, meta: dict[str, Any], recipe: dict[str, Any]) -> None:
+    from moekit import __version__
+
+    record = {"format": fmt, "moekit_version": __version__, **meta}
+    (target / "moekit.json").write_text(json.dumps(record, indent=2) + "\n")
+    (target / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def save_output(
+    target: Path,
+    fmt: str,
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    heads: dict[str, torch.Tensor],
+    tokenizer: Any | None,
+    source_dir: Path | None,
+    meta: dict[str, Any],
+    recipe: dict[str, Any],
+) -> Path:
+    """Write a stage's output. `model` supplies the config and key naming; `state` the trained weights (module
+    paths of `model`, gathered on the main process; LoRA already merged for `full`)."""
+    with atomic_dir(target) as tmp:
+        if fmt == "ffn_only":
+            adapter = resolve_arch(model)
+            if getattr(model.config, "moekit", None) is not None:
+                raise ValueError("save: ffn_only is for dense specialists (stage 1-2); this model is an MoE model")
+            keys = ffn_keys(model, adapter)
+            model.save_pretrained(tmp, state_dict={k: state[k] for k in keys}, safe_serialization=True)
+            meta = {**meta, "layers": adapter.num_layers, "keys": sorted(saved_names(model, keys).values())}
+        elif fmt == "lora_adapter":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if heads:
+                save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "synergy_heads.safetensors"))
+            _copy_side_files(source_dir, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        _provenance(tmp, fmt, meta, recipe)
+    return target
