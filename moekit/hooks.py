@@ -34,6 +34,8 @@ class Component:
     `params` is the pydantic model (it must forbid extra keys: derive from `moekit.config.StrictModel`) that
     validates the component's parameters where a recipe or spec uses it; `build(params, **context)` makes the
     object from the validated parameters (the context each kind passes is in its hook's docstring).
+    `tiny(out, seed)`, when given, writes a small random checkpoint in the component's real on-disk format and
+    returns its path (teachers: for smoke tests and the CPU pipeline, `prepare: - {kind: tiny_teacher}`).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Component:
     build: Callable[..., Any]
     description: str = ""
     plugin: str = field(default="", compare=False)  # filled in by the registry
+    tiny: Callable[..., Any] | None = field(default=None, compare=False)
 
 
 @hookspec

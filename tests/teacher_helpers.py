@@ -8,22 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from moekit_plugins.teachers.vggt.aggregator import Aggregator
+from moekit_plugins.teachers.tiny import TINY_VGGT, random_aggregator, tiny_vjepa2_config, write_tiny_vjepa2  # noqa: F401
 from moekit_plugins.teachers.vggt.checkpoint import aggregator_state
 from moekit_plugins.teachers.vggt.config import VGGTArch
 
-TINY_VGGT = VGGTArch.tiny()
 TINY_VGGT_PARAMS = {"arch": TINY_VGGT.model_dump(), "image_size": 28, "num_frames": 4}
-
-
-def random_aggregator(arch: VGGTArch = TINY_VGGT, seed: int = 0) -> Aggregator:
-    """An aggregator whose every tensor is random (std 0.3), so each block visibly changes its input."""
-    torch.manual_seed(seed)
-    model = Aggregator(arch)
-    with torch.no_grad():
-        for tensor in model.parameters():
-            tensor.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def vggt_checkpoint(
@@ -47,32 +36,8 @@ def vggt_checkpoint(
     return path
 
 
-def tiny_vjepa2_config():
-    import transformers
-
-    return transformers.VJEPA2Config(
-        patch_size=4,
-        crop_size=16,
-        frames_per_clip=4,
-        tubelet_size=2,
-        hidden_size=24,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        mlp_ratio=2.0,
-        num_pooler_layers=1,
-        pred_hidden_size=12,
-        pred_num_attention_heads=2,
-        pred_num_hidden_layers=1,
-        pred_num_mask_tokens=2,
-    )
-
-
 def vjepa2_checkpoint(path: Path, seed: int = 0) -> Path:
-    import transformers
-
-    torch.manual_seed(seed)
-    transformers.VJEPA2Model(tiny_vjepa2_config()).save_pretrained(path)
-    return path
+    return write_tiny_vjepa2(path, seed)
 
 
 def write_frames(folder: Path, count: int, size: tuple[int, int] = (20, 30), seed: int = 0) -> list[Path]:

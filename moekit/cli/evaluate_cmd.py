@@ -10,22 +10,6 @@ import typer
 from moekit.cli.common import fail_on_errors
 
 
-def load_model(path: Path):
-    """A moekit MoE checkpoint through moekit.load, a dense one through transformers (local files only)."""
-    import torch
-
-    from moekit.modeling.load import load
-    from moekit.modeling.meta_model import read_config
-
-    config = read_config(path)
-    if getattr(config, "moekit", None) is not None:
-        return load(path).eval()
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
-
-
 @fail_on_errors
 def evaluate(
     model: Path = typer.Argument(..., help="model folder (dense or moekit MoE)"),
@@ -40,13 +24,14 @@ def evaluate(
     from moekit.data.evaluate import read_choice_samples, score_choices
     from moekit.data.preprocess import Preprocessor
     from moekit.io.atomic import atomic_write_text
+    from moekit.modeling.load import load_any
 
     if normalise not in ("sum", "mean"):
         raise ValueError(f"--normalise {normalise!r}: choose sum or mean")
     samples = read_choice_samples(data)
     preprocessor = Preprocessor.from_dir(model, tokenizer)
     torch.set_grad_enabled(False)
-    report = score_choices(load_model(model), preprocessor, samples, data.parent, normalise=normalise)
+    report = score_choices(load_any(model), preprocessor, samples, data.parent, normalise=normalise)
     typer.echo(
         f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['total']}, chance {report['chance']:.3f})"
     )

@@ -31,7 +31,8 @@ def validate(
     from moekit.train.runner import component_problems
 
     plan = load_plan(file, overrides)
-    problems = [p for s in plan.stages for p in component_problems(s.stage, s.where)] if components else []
+    pending = [step.out for step in plan.pipeline.prepare] if plan.pipeline is not None else []
+    problems = [p for s in plan.stages for p in component_problems(s.stage, s.where, pending)] if components else []
     rows = [describe(s.stage) for s in plan.stages]
     table = Table(*rows[0].keys(), title=f"{file}: {len(rows)} stage(s)")
     for row in rows:

@@ -49,10 +49,13 @@ def _message(error: Mapping[str, Any]) -> str:
     return msg
 
 
-def parse_config(model: type[M], data: Any, source: str = "config") -> M:
-    """Validate `data` against `model`; raise `ConfigError` naming every bad YAML path."""
+def parse_config(model: type[M], data: Any, source: str = "config", context: dict[str, Any] | None = None) -> M:
+    """Validate `data` against `model`; raise `ConfigError` naming every bad YAML path.
+
+    `context` reaches validators as `info.context` (e.g. `pending_paths`: folders a pipeline's prepare steps
+    will create, which path checks accept)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
         raise ConfigError(source, located_problems(exc)) from None
 
@@ -143,3 +146,10 @@ def _assign(node: Any, part: str | int, value: Any, key: str) -> None:
         node[part] = value
     else:
         raise ConfigError("--set", [(key, f"{part!r} is not inside a mapping")])
+
+
+def is_pending(path: Any, context: dict[str, Any] | None) -> bool:
+    """Whether `path` lies in a folder that is still to be created (`context["pending_paths"]`)."""
+    pending = (context or {}).get("pending_paths") or ()
+    resolved = Path(path).resolve()
+    return any(resolved == Path(p).resolve() or Path(p).resolve() in resolved.parents for p in pending)

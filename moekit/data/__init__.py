@@ -9,6 +9,7 @@ from moekit.data.config import DataConfig, DatasetSpec, FramesSpec
 from moekit.data.loader import build_dataset, build_loader
 from moekit.data.preprocess import Preprocessor
 from moekit.data.schema import BadSample, Sample
+from moekit.data.stream import iter_batches
 from moekit.data.teacher_features import TeacherFeatureReader, open_teacher_cache
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "TeacherFeatureReader",
     "build_dataset",
     "build_loader",
+    "iter_batches",
     "open_teacher_cache",
     "split_batch",
 ]

@@ -17,6 +17,7 @@ from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, Sample
 from moekit.data.vision import Vision, build_vision
 
 SYNERGY_TOKEN = "<synergy>"
+SYNERGY_FORMAT = "<synergy_{i}>"  # the tokens moekit_plugins' polyv_synergy head adds (its default token_format)
 
 
 def model_family(config: Any) -> str:
@@ -58,11 +59,23 @@ class Preprocessor:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
-    def synergy_id(self) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(SYNERGY_TOKEN)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {SYNERGY_TOKEN} token; add it as a special token first")
-        return int(token_id)
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return None if token_id is None or token_id == self.tokenizer.unk_token_id else int(token_id)
+
+    def synergy_ids(self, count: int) -> list[int]:
+        """Ids of the `count` synergy tokens: `<synergy_0>` ... `<synergy_{count-1}>` when a synergy head added
+        them (PolyV's head reads each once), else `<synergy>` repeated."""
+        numbered = [self._token_id(SYNERGY_FORMAT.format(i=i)) for i in range(count)]
+        if all(t is not None for t in numbered):
+            return numbered
+        single = self._token_id(SYNERGY_TOKEN)
+        if single is None:
+            raise ValueError(
+                f"the tokenizer has neither {SYNERGY_FORMAT.format(i=0)}... nor {SYNERGY_TOKEN}; a synergy head's "
+                "prepare() adds them, or add them as special tokens first"
+            )
+        return [single] * count
 
     def encode(self, sample: Sample, media: Media, max_length: int, synergy_tokens: int = 0) -> dict[str, Any]:
         """Model inputs (1-D token tensors, pixel tensors) plus the sample's extras; ValueError when unusable."""
@@ -75,7 +88,7 @@ class Preprocessor:
             segment = self.vision.image(image)
             ids = segment.ids
             if synergy_tokens and sample.paired is not None and k == len(media.images) - 1:
-                ids = ids + [self.synergy_id()] * synergy_tokens
+                ids = ids + self.synergy_ids(synergy_tokens)
             segments[IMAGE_TAG].append(ids)
             _add(tensors, segment.tensors)
         if media.clip is not None:

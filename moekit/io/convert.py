@@ -188,7 +188,9 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
             cache.clear()
             base_tensors = plan.base_source.tensors(layer)
             per_expert = [
-                expert_tensors(spec, i, layer, base_tensors if s is None else s.tensors(layer), adapter.ffn.gated, plan.inits[i])
+                expert_tensors(
+                    spec, i, layer, base_tensors if s is None else s.tensors(layer), adapter.ffn.gated, plan.inits[i]
+                )
                 for i, s in enumerate(plan.sources)
             ]
             cache[layer] = {k: torch.stack([e[k].to(base_tensors[k].dtype) for e in per_expert]) for k in per_expert[0]}

@@ -50,3 +50,20 @@ def load(path: str | Path, *, experts_implementation: str | None = None, **kwarg
     if experts_implementation is not None:
         model.set_experts_implementation(experts_implementation)
     return model
+
+
+def load_any(path: str | Path, **kwargs: Any):
+    """A moekit MoE checkpoint through `load`, a dense one through transformers' Auto classes (local safetensors
+    only), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from moekit.modeling.meta_model import read_config
+
+    config = read_config(path)
+    if getattr(config, "moekit", None) is not None:
+        return load(path, **kwargs).eval()
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    kwargs.setdefault("dtype", torch.float32)
+    kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    return auto.from_pretrained(str(path), **kwargs).eval()

@@ -54,12 +54,18 @@ class Plan:
         return out
 
 
-def _recipe(data: object, source: str, base: str | None = None, output_dir: str | None = None) -> Recipe:
+def _recipe(
+    data: object, source: str, base: str | None = None, output_dir: str | None = None, steps: int | None = None
+) -> Recipe:
     if isinstance(data, dict):
         if base is not None:
             data["base"] = base
         if output_dir is not None:
             data["output_dir"] = output_dir
+        if steps is not None:
+            for stage in data.get("stages") or []:
+                if isinstance(stage, dict):
+                    stage.update(steps=steps, epochs=None)
     return parse_config(Recipe, data, source=source)
 
 
@@ -81,7 +87,7 @@ def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     for index, name in enumerate(pipeline.recipes):
         file = path.parent / name
         try:
-            recipe = _recipe(load_yaml(file), str(file), pipeline.base, pipeline.output_dir)
+            recipe = _recipe(load_yaml(file), str(file), pipeline.base, pipeline.output_dir, pipeline.steps)
         except FileNotFoundError:
             problems.append((f"recipes[{index}]", f"{file}: no such file"))
             continue

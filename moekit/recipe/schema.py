@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from moekit.config import StrictModel
 from moekit.data.config import DataConfig
 from moekit.moe.experts import IMPLEMENTATIONS
+from moekit.recipe.prepare import PrepareStep
 from moekit.upcycle.spec import ExpertSpec, UpcycleSpec
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -345,9 +346,24 @@ class Recipe(StrictModel):
         return self
 
 
+class ReportSpec(StrictModel):
+    """What `moekit run` writes after the last stage (moekit.report)."""
+
+    out: str = Field(description="report folder (report.md, report.json, PNG plots)")
+    eval: str | None = Field(None, description="held-out multiple-choice questions (JSON/JSONL with `choices`)")
+    compare: list[str] = Field(
+        default_factory=lambda: ["base"], description="models evaluated besides the last stage: 'base' or stage names"
+    )
+    routes: list[str] = Field(default_factory=list, description="data files whose routing the final MoE model reports")
+    routes_max_samples: int | None = Field(None, ge=1, description="samples per routing data file (default: all)")
+
+
 class Pipeline(StrictModel):
     """Recipe files run in order; their stages share one namespace, so later recipes may use earlier outputs."""
 
+    prepare: list[PrepareStep] = Field(default_factory=list, description="inputs made when missing, before any stage")
     recipes: list[str] = Field(min_length=1, description="recipe files, relative to the pipeline file")
     base: str | None = Field(None, description="when given, replaces the base of every recipe")
     output_dir: str | None = Field(None, description="when given, replaces the output_dir of every recipe")
+    steps: int | None = Field(None, ge=1, description="when given, every stage trains this many steps (smoke runs)")
+    report: ReportSpec | None = None

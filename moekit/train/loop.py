@@ -54,6 +54,7 @@ class StageRun:
     teachers: dict[str, Any] = field(default_factory=dict)
     where: str = "stage"
     resume: bool = False
+    model_dir: Path | None = None
 
 
 def plan_phases(stage: Stage, total: int, where: str) -> list[PhasePlan]:
@@ -118,6 +119,7 @@ def train_stage(run: StageRun) -> Position:
             epoch=epoch,
             start=start,
             seed=stage.seed,
+            model_dir=run.model_dir,
         )
 
     total = total_steps(stage, run.source, request(0, 0), run.where)
@@ -230,6 +232,7 @@ def train_stage(run: StageRun) -> Position:
         if stage.save_every and (position.step % stage.save_every == 0 or position.step == total):
             path = save_checkpoint(engine, run.stage_dir, position, stage.keep_checkpoints)
             logger.event("checkpoint", step=position.step, path=str(path))
+    logger.event("stage_end", step=position.step, tokens=position.tokens)
     logger.close()
     return position
 

@@ -42,10 +42,7 @@ def read_stage_meta(path: Path) -> dict[str, Any] | None:
 
 def load_model(path: str | Path, *, where: str) -> nn.Module:
     """A dense transformers model or a moekit MoE model from a local directory, in float32."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    import moekit
-    from moekit.modeling.meta_model import read_config
+    from moekit.modeling.load import load_any
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -56,13 +53,7 @@ def load_model(path: str | Path, *, where: str) -> nn.Module:
             f"{where}: {path} holds a {meta.get('format')} output (stage {meta.get('stage')!r}), not a whole model; "
             "use it as an expert source of an upcycle step, or start from the stage it was trained from"
         )
-    config = read_config(path)
-    if config.model_type.startswith("moekit_"):
-        return moekit.load(path, dtype=torch.float32)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
-    )
+    return load_any(path, dtype=torch.float32)
 
 
 def load_tokenizer(path: str | Path) -> Any | None:

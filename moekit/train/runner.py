@@ -8,6 +8,7 @@ your own function instead of the stage's `data_source` (see `moekit.train.source
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,9 @@ def preflight(plan: Plan, resume: bool, only: Iterable[str] = ()) -> list[Planne
     return selected
 
 
-def component_problems(stage: Stage, where: str) -> list[str]:
-    """Unknown plug-in components or bad parameters, found before any model is loaded."""
+def component_problems(stage: Stage, where: str, pending: Iterable[str] = ()) -> list[str]:
+    """Unknown plug-in components or bad parameters, found before any model is loaded (`pending`: folders the
+    pipeline's prepare steps will create)."""
     from moekit.config import ConfigError, parse_config
     from moekit.registry import registry
 
@@ -94,7 +96,7 @@ def component_problems(stage: Stage, where: str) -> list[str]:
     for kind, name, params, loc in wanted:
         try:
             component = registry().get(kind, name, loc)
-            parse_config(component.params, params, source=loc)
+            parse_config(component.params, params, source=loc, context={"pending_paths": list(pending)})
         except ConfigError as exc:
             problems += [f"{loc}.params.{p}: {m}" for p, m in exc.problems]
         except ValueError as exc:
@@ -105,7 +107,14 @@ def component_problems(stage: Stage, where: str) -> list[str]:
 def run_plan(
     plan: Plan, *, resume: bool = False, only: Iterable[str] = (), batch_source: BatchSource | None = None
 ) -> list[Path]:
-    """Run the plan's stages in order (skipping finished ones on resume); return their output directories."""
+    """Run the plan's stages in order (skipping finished ones on resume); return their output directories.
+
+    A pipeline's `prepare:` steps run first (main process; the others wait for their folders) and its `report:`
+    is written after the last stage when the whole plan ran.
+    """
+    pipeline = plan.pipeline
+    if pipeline is not None and pipeline.prepare:
+        _prepare(pipeline.prepare)
     selected = preflight(plan, resume, only)
     outputs = []
     for planned in selected:
@@ -114,7 +123,25 @@ def run_plan(
             outputs.append(target)
             continue
         outputs.append(run_stage(plan, planned, resume=resume, batch_source=batch_source))
+    if pipeline is not None and pipeline.report is not None and not only and main_process():
+        from moekit.report import build_report
+
+        stages = [(p.stage.name, p.output_dir) for p in plan.stages]
+        outputs.append(build_report(pipeline.report, Path(plan.stages[0].recipe.base), stages))
     return outputs
+
+
+def _prepare(steps: list, timeout: float = 3600.0) -> None:
+    from moekit.recipe.prepare import run_prepare
+
+    if main_process():
+        run_prepare(steps)
+        return
+    deadline = time.monotonic() + timeout
+    while not all(Path(step.out).exists() for step in steps):
+        if time.monotonic() > deadline:
+            raise TimeoutError("gave up waiting for the main process to write the pipeline's prepare: outputs")
+        time.sleep(1.0)
 
 
 def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: str) -> tuple[nn.Module, Path]:
@@ -143,7 +170,7 @@ def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: s
     upcycle_spec = UpcycleSpec(**fields, experts=experts, base=str(base))
     calibration = None
     if upcycle_spec.router.init == "prototype":
-        calibration = _calibration(planned.stage, dense, source, spec.calibration_batches)
+        calibration = _calibration(planned.stage, dense, source, spec.calibration_batches, base)
     return moekit.upcycle(dense, upcycle_spec, sources=sources, calibration=calibration), base
 
 
@@ -151,10 +178,14 @@ def _ref_path(plan: Plan, planned: PlannedStage, ref: str | StageRef) -> Path:
     return stage_output(plan, planned, ref.stage) if isinstance(ref, StageRef) else Path(ref)
 
 
-def _calibration(stage: Stage, model: nn.Module, source: BatchSource, count: int) -> list[dict[str, Any]]:
+def _calibration(
+    stage: Stage, model: nn.Module, source: BatchSource, count: int, model_dir: Path
+) -> list[dict[str, Any]]:
     """The first batches of the stage as one process would see them: every process must build the same
     router (FSDP2 shards each process's own copy)."""
-    request = BatchRequest(stage, model, None, stage.batch_size, rank=0, world_size=1, epoch=0, seed=stage.seed)
+    request = BatchRequest(
+        stage, model, None, stage.batch_size, rank=0, world_size=1, epoch=0, seed=stage.seed, model_dir=model_dir
+    )
     batches = []
     for batch in itertools.islice(source(request), count):
         batches.append({k: v for k, v in batch.items() if k not in EXTRAS or k == "sample_modalities"})
@@ -184,7 +215,7 @@ def run_stage(
     module = TrainModule(model, heads)
     engine = make_engine(stage.distributed, stage.precision, stage.grad_accum, stage.batch_size, stage.max_grad_norm)
     teachers = build_teachers(stage.teachers, where, engine.device)
-    run = StageRun(stage, planned.output_dir, module, engine, source, tokenizer, teachers, where, resume)
+    run = StageRun(stage, planned.output_dir, module, engine, source, tokenizer, teachers, where, resume, source_dir)
     position = train_stage(run)
 
     target = write_output(planned, engine, module, tokenizer, source_dir, position)

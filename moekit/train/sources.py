@@ -16,6 +16,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -40,6 +41,7 @@ class BatchRequest:
     epoch: int
     start: int = 0  # micro-batches of this epoch already consumed by this process
     seed: int = 0
+    model_dir: Path | None = None  # the folder the model was loaded from (tokenizer / preprocessor files)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,13 +65,8 @@ def get_batch_source(name: str, where: str = "data_source") -> BatchSource:
 
 def data_layer_source(request: BatchRequest) -> Iterable[dict[str, Any]]:
     """The stage's `data:` section through the data layer: `moekit.data.iter_batches(request)`."""
-    try:
-        from moekit.data import iter_batches  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(
-            "this moekit build has no data loader (moekit.data.iter_batches); use data_source: tiny, or register "
-            "a batch source with moekit.train.sources.register_batch_source"
-        ) from None
+    from moekit.data import iter_batches
+
     return iter_batches(request)
 
 

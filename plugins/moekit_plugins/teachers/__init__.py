@@ -12,6 +12,7 @@ models load when a teacher is built.
 from __future__ import annotations
 
 from moekit import Component, hookimpl
+from moekit_plugins.teachers.tiny import write_tiny_vggt, write_tiny_vjepa2
 from moekit_plugins.teachers.vggt import VGGTParams, VGGTTeacher
 from moekit_plugins.teachers.vjepa2 import VJEPA2Params, VJEPA2Teacher
 
@@ -25,6 +26,7 @@ def moekit_teachers() -> list[Component]:
             params=VJEPA2Params,
             build=VJEPA2Teacher,
             description="V-JEPA 2 video encoder tokens (transformers VJEPA2Model), for video -> image distillation",
+            tiny=write_tiny_vjepa2,
         ),
         Component(
             name="vggt",
@@ -32,5 +34,6 @@ def moekit_teachers() -> list[Component]:
             params=VGGTParams,
             build=VGGTTeacher,
             description="VGGT aggregator tokens from the released checkpoint, for 3D -> image distillation",
+            tiny=write_tiny_vggt,
         ),
     ]

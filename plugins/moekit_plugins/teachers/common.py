@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import StrictModel
+from moekit.config.base import is_pending
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,8 +31,8 @@ class TeacherParams(StrictModel):
 
     @pydantic.field_validator("checkpoint")
     @classmethod
-    def _exists(cls, value: Path) -> Path:
-        if not value.exists():
+    def _exists(cls, value: Path, info: pydantic.ValidationInfo) -> Path:
+        if not value.exists() and not is_pending(value, info.context):
             raise ValueError(f"checkpoint path {str(value)!r} does not exist (weights load only from local paths)")
         return value
 

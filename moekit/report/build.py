@@ -1,0 +1,155 @@
+"""Build the report folder of a finished pipeline (`report:` in a pipeline YAML).
+
+- `loss_curves.png`: every logged loss term of every stage (from `<stage>/logs/metrics.jsonl`);
+- `accuracy.png` and a table: held-out multiple-choice accuracy of the base, the chosen stages and the final
+  model, per task (answer log-likelihood ranking, `moekit.data.evaluate`);
+- `routes/`: routing share per expert per dataset and per modality of the final MoE model (PolyV Fig. 5-6);
+- a parameter table (total vs activated) of the base and the final model;
+- `report.md` and `report.json` with all numbers, and the wall time of each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.io.atomic import atomic_dir
+from moekit.report.plots import plot_accuracy, plot_losses
+
+
+def read_log(stage_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], float | None]:
+    """(loss term -> [(step, value)], wall seconds from stage start to end) of one stage's metrics log."""
+    path = stage_dir / "logs" / "metrics.jsonl"
+    curves: dict[str, list[tuple[int, float]]] = {}
+    start = end = None
+    if not path.is_file():
+        return curves, None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] in ("stage_start", "resume") and start is None:
+            start = record["time"]
+        elif record["event"] == "stage_end":
+            end = record["time"]
+        elif record["event"] == "train":
+            for key, value in record.items():
+                if (key == "loss" or key.startswith("loss/")) and isinstance(value, (int, float)):
+                    curves.setdefault(key, []).append((record["step"], float(value)))
+    return curves, (end - start) if start is not None and end is not None else None
+
+
+def _parameters(path: Path) -> dict[str, Any]:
+    from moekit.accounting import account
+    from moekit.arch import resolve_arch
+    from moekit.modeling.meta_model import meta_model, read_config
+
+    model = meta_model(read_config(path))
+    adapter = resolve_arch(model)
+    result = account(model, adapter.layers, adapter.mlp)
+    return {"total": result.total, "active": result.active, "moe_layers": result.moe_layers}
+
+
+@torch.no_grad()
+def _accuracy(path: Path, eval_file: Path) -> dict[str, Any]:
+    from moekit.data.evaluate import read_choice_samples, score_choices
+    from moekit.data.preprocess import Preprocessor
+    from moekit.modeling.load import load_any
+
+    model = load_any(path)
+    report = score_choices(model, Preprocessor.from_dir(path), read_choice_samples(eval_file), eval_file.parent)
+    report.pop("samples", None)
+    return report
+
+
+def _routes(path: Path, files: list[str], out: Path, max_samples: int | None) -> dict[str, Any]:
+    from moekit.analysis.routes import write_routes
+    from moekit.data.config import DataConfig
+    from moekit.data.loader import build_dataset
+    from moekit.data.preprocess import Preprocessor
+    from moekit.modeling.load import load
+
+    config = DataConfig(datasets=[{"name": Path(f).stem, "path": f} for f in files], bad_samples="skip")
+    model = load(path).eval()
+    dataset = build_dataset(config, Preprocessor.from_dir(path))
+    with torch.no_grad():
+        report = write_routes(model, dataset, out, str(path), max_samples=max_samples, config=config)
+    return {k: {"samples": v["samples"], "expert_share": v["expert_share"]} for k, v in report["modalities"].items()}
+
+
+def build_report(spec: Any, base: Path, stages: list[tuple[str, Path]], log=print) -> Path:
+    """Write the report of a pipeline whose stages (name, stage dir) ran in order; return the folder."""
+    started = time.perf_counter()
+    final_name, final_dir = stages[-1]
+    models = {"base": base} | {name: d / "model" for name, d in stages}
+    wanted = [*spec.compare, final_name]
+    unknown = [m for m in wanted if m not in models]
+    if unknown:
+        raise ValueError(f"report.compare: unknown models {unknown}; choose 'base' or stages {[n for n, _ in stages]}")
+    data: dict[str, Any] = {"stages": {}, "accuracy": {}, "parameters": {}}
+    curves = {}
+    for name, stage_dir in stages:
+        curves[name], seconds = read_log(stage_dir)
+        data["stages"][name] = {"seconds": seconds, "final": {k: v[-1][1] for k, v in curves[name].items()}}
+    for model in dict.fromkeys(["base", final_name]):
+        data["parameters"][model] = _parameters(models[model])
+    with atomic_dir(spec.out) as tmp:
+        plot_losses(curves, tmp / "loss_curves.png")
+        if spec.eval is not None:
+            for model in dict.fromkeys(wanted):
+                log(f"report: evaluating {model} on {spec.eval}")
+                data["accuracy"][model] = _accuracy(models[model], Path(spec.eval))
+            plot_accuracy(data["accuracy"], tmp / "accuracy.png")
+        if spec.routes and data["parameters"][final_name]["moe_layers"]:
+            log(f"report: routing of {final_name}")
+            data["routes"] = _routes(models[final_name], spec.routes, tmp / "routes", spec.routes_max_samples)
+        data["report_seconds"] = time.perf_counter() - started
+        (tmp / "report.json").write_text(json.dumps(data, indent=2))
+        (tmp / "report.md").write_text(markdown(data, final_name))
+    return Path(spec.out)
+
+
+def markdown(data: dict[str, Any], final: str) -> str:
+    lines = ["# moekit pipeline report", ""]
+    lines += ["## Stages", "", "| stage | wall s | final loss terms |", "| --- | --- | --- |"]
+    for name, row in data["stages"].items():
+        terms = ", ".join(f"{k.removeprefix('loss/')} {v:.3g}" for k, v in sorted(row["final"].items()))
+        seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
+        lines.append(f"| {name} | {seconds} | {terms} |")
+    lines += [
+        "",
+        "Loss curves: `loss_curves.png`.",
+        "",
+        "## Parameters",
+        "",
+        "| model | total | activated | MoE layers |",
+    ]
+    lines.append("| --- | --- | --- | --- |")
+    for name, row in data["parameters"].items():
+        lines.append(f"| {name} | {row['total']:,} | {row['active']:,} | {row['moe_layers'] or '-'} |")
+    if data["accuracy"]:
+        tasks = sorted({t for r in data["accuracy"].values() for t in r["per_task"]})
+        lines += ["", "## Held-out accuracy", "", "| model | all | " + " | ".join(tasks) + " |"]
+        lines.append("| --- " * (len(tasks) + 2) + "|")
+        chance = next(iter(data["accuracy"].values()))
+        lines.append(
+            f"| chance | {chance['chance']:.2f} | "
+            + " | ".join(f"{chance['per_task'][t]['chance']:.2f}" if t in chance["per_task"] else "-" for t in tasks)
+            + " |"
+        )
+        for name, row in data["accuracy"].items():
+            cells = [f"{row['per_task'][t]['accuracy']:.2f}" if t in row["per_task"] else "-" for t in tasks]
+            lines.append(f"| {name} | {row['accuracy']:.2f} | " + " | ".join(cells) + " |")
+        lines += ["", "Plot: `accuracy.png`."]
+    if data.get("routes"):
+        lines += ["", f"## Routing of {final} by modality (share of top-k selections, all MoE layers)", ""]
+        experts = None
+        for modality, row in data["routes"].items():
+            experts = experts or len(row["expert_share"])
+            lines.append(
+                f"- {modality} ({row['samples']} samples): " + ", ".join(f"{100 * s:.0f}%" for s in row["expert_share"])
+            )
+        lines += ["", "Plots and per-layer numbers: `routes/`."]
+    return "\n".join(lines) + "\n"
