@@ -56,6 +56,10 @@ def test_save_is_atomic_and_replaces_an_old_checkpoint(tmp_path, monkeypatch):
         moe.save_pretrained(out)
     assert (out / "model.safetensors").read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.undo()
+    (out / "tokenizer_config.json").write_text('{"kept": true}')
+    moe.save_pretrained(out)
+    assert (out / "tokenizer_config.json").read_text() == '{"kept": true}'  # side files survive a re-save
 
 
 def test_experts_implementations_agree_after_load(qwen_moe_dir):

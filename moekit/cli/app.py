@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from moekit.cli import (
+    calibrate_cmd,
     evaluate_cmd,
     export_cmd,
     inspect_cmd,
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
+app.command("calibrate-router")(calibrate_cmd.calibrate_router)
 app.command("teach")(teach_cmd.teach)
 app.command("tiny")(tiny_cmd.tiny)
 app.command("synth")(synth_cmd.synth)

@@ -22,6 +22,7 @@ import yaml
 
 from moekit.arch import ArchAdapter, resolve_arch
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
+from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointError, CheckpointReader
@@ -32,8 +33,7 @@ from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weig
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
 
-WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)$|.*\.index\.json$")
-SKIP_FILES = {"config.json", "moekit.yaml"}
+SKIP_FILES = ("config.json", "moekit.yaml")
 
 
 @dataclass
@@ -332,20 +332,6 @@ def _check_complete(plan: _Plan, planned: list[PlannedTensor], meta: dict[str, A
         raise CheckpointError(f"{plan.base_dir}: the base checkpoint lacks tensors the model needs: {missing[:8]}")
 
 
-def _copy_side_files(base_dir: Path, out: Path) -> list[str]:
-    copied = []
-    for path in sorted(base_dir.iterdir()):
-        if (
-            path.is_file()
-            and not path.name.startswith(".")
-            and path.name not in SKIP_FILES
-            and not WEIGHT_FILE.match(path.name)
-        ):
-            shutil.copy2(path, out / path.name)
-            copied.append(path.name)
-    return copied
-
-
 def convert(
     spec: UpcycleSpec,
     output: str | Path,
@@ -409,7 +395,7 @@ def convert(
         if dtype is not None:
             config.dtype = dtype
         config.save_pretrained(tmp)
-        _copy_side_files(plan.base_dir, tmp)
+        copy_side_files(plan.base_dir, tmp, SKIP_FILES)
         record = {
             "moekit_version": __version__,
             "spec": spec.model_dump(mode="json"),

@@ -17,7 +17,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
-from moekit.io.convert import _copy_side_files
+from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames, _Probe
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointReader
@@ -206,7 +206,7 @@ def export_native(
         write_index(tmp, shards)
         target.architectures = [type(stock).__name__]
         target.save_pretrained(tmp)
-        _copy_side_files(source, tmp)
+        copy_side_files(source, tmp, ("config.json",))
         if (source / "moekit.yaml").is_file():
             shutil.copy2(source / "moekit.yaml", tmp / "moekit.yaml")
     return output

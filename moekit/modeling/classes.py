@@ -19,6 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from moekit.arch.families import FAMILIES, family_for
 from moekit.io.atomic import atomic_dir
+from moekit.io.files import copy_side_files
 from moekit.modeling.structure import guard_key, guard_pattern, init_block, install_blocks, new_context
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
@@ -63,6 +64,8 @@ class MoekitModelMixin:
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
         with atomic_dir(save_directory) as tmp:
+            # Like transformers' save into an existing folder: tokenizer/processor files beside the weights stay.
+            copy_side_files(Path(save_directory), tmp, ("config.json", "generation_config.json"))
             return super().save_pretrained(tmp, *args, state_dict=state, **kwargs)
 
     def moe_blocks(self) -> list[MoeBlock]:

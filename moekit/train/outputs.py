@@ -13,7 +13,6 @@ provenance) and `recipe.yaml` (the recipe that made it):
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ from torch import nn
 
 from moekit.arch import ArchAdapter, ffn_state_keys, resolve_arch
 from moekit.io.atomic import atomic_dir
+from moekit.io.files import copy_side_files
 
 FORMATS = ("full", "ffn_only", "lora_adapter")
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
 NOT_COPIED = {"config.json", "generation_config.json", "moekit.json", "recipe.yaml", "model.safetensors.index.json"}
 
 
@@ -113,15 +112,6 @@ def read_ffn_state(path: str | Path, model: nn.Module, where: str) -> dict[str, 
     return out
 
 
-def _copy_side_files(source: Path | None, target: Path) -> None:
-    """Tokenizer, processor and chat-template files travel with the weights to the next stage."""
-    if source is None or not source.is_dir():
-        return
-    for file in source.iterdir():
-        if file.is_file() and file.name not in NOT_COPIED and not file.name.endswith(WEIGHT_FILES):
-            shutil.copy2(file, target / file.name)
-
-
 def _provenance(target: Path, fmt: str, meta: dict[str, Any], recipe: dict[str, Any]) -> None:
     from moekit import __version__
 
@@ -158,7 +148,7 @@ def save_output(
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if heads:
                 save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "synergy_heads.safetensors"))
-            _copy_side_files(source_dir, tmp)
+            copy_side_files(source_dir, tmp, NOT_COPIED)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         _provenance(tmp, fmt, meta, recipe)
