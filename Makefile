@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench-moe bench-convert clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,18 +16,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the whole PolyV chain on a tiny model (prepare inputs, six stages, report), from scratch.
 demo: $(STAMP)
-	$(BIN)/moekit tiny demo/base --family qwen2_5_vl --specialists image,video,3d --overwrite
-	$(BIN)/moekit upcycle --base demo/base --expert image=demo/image --expert video=demo/video \
-		--expert 3d=demo/3d --expert base --layers interval:2 --top-k 2 -o demo/moe --overwrite
-	$(BIN)/moekit inspect demo/moe
+	rm -rf runs/polyv-tiny
+	$(BIN)/moekit run recipes/polyv-tiny/pipeline.yaml
+	@echo "report: runs/polyv-tiny/report/report.md"
 
 test: $(STAMP)
 	$(BIN)/ruff check moekit plugins tests bench examples
 	$(BIN)/python -m pytest -q
 
+# Everything but GPU tests, the slow ones included (DeepSpeed ZeRO-2/3 on 2 CPU processes: the deepspeed extra).
 test-all: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[test,deepspeed]"
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# Benchmarks (numbers go to docs/benchmarks.md); bench-convert writes ~25 GB under bench/out.
+bench-moe: $(STAMP)
+	$(BIN)/python bench/moe_block.py
+
+bench-convert: $(STAMP)
+	$(BIN)/python bench/convert.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check moekit plugins tests bench examples

@@ -26,19 +26,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.command("run")(recipe_cmd.run)
+app.command("validate")(recipe_cmd.validate)
 app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
 app.command("calibrate-router")(calibrate_cmd.calibrate_router)
+app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("routes")(routes_cmd.routes)
 app.command("teach")(teach_cmd.teach)
-app.command("tiny")(tiny_cmd.tiny)
 app.command("synth")(synth_cmd.synth)
 app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
-app.command("routes")(routes_cmd.routes)
-app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("tiny")(tiny_cmd.tiny)
 app.command("plugins")(plugins_cmd.plugins)
-app.command("validate")(recipe_cmd.validate)
-app.command("run")(recipe_cmd.run)
 
 
 @app.command("version")
