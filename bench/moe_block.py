@@ -183,7 +183,7 @@ def run_tokens(candidates: list[Candidate], tokens: int, args, dtype, device) ->
             slots = tokens * args.top_k
             gib = slots * 3 * args.hidden * args.intermediate * torch.finfo(dtype).bits / 8 / 2**30
             notes.append(
-                f"{c.name} skipped at T={tokens}: it gathers per-slot weights, ~{gib:.2g} GiB "
+                f"{c.name} skipped at T={tokens}: it gathers per-slot weights, ~{gib:.0f} GiB "
                 f"(limit --batched-mm-max-tokens {args.batched_mm_max_tokens})"
             )
         else:
