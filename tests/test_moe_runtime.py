@@ -10,6 +10,7 @@ from torch import nn
 from moekit.moe import MoeBlock, MoeContext, RoutingStats, TopKRouter, load_balancing_loss, router_z_loss
 from moekit.moe.context import IMAGE, TEXT, VIDEO
 from moekit.moe.experts import ExpertsSettings, make_experts
+from moekit.moe.fused import expert_mlps
 from moekit.moe.slots import gather_slots, slot_order, unsort_slots
 
 
@@ -115,6 +116,59 @@ def test_slot_moves_match_indexing_with_exact_gradients():
     unsorted = unsort_slots(rows, order, inverse)
     assert torch.equal(unsorted[order], rows)
     torch.autograd.gradcheck(lambda r: unsort_slots(r, order, inverse), (rows,))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("biased", [False, True])
+def test_eager_gradients_match_batched_mm_with_an_idle_expert(gated, biased):
+    """Every gradient of the eager path (custom backward) against transformers' batched_mm (plain autograd)."""
+    torch.manual_seed(6)
+    E, H, I, T, k = 5, 8, 12, 11, 2
+    index = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert 4 gets no token
+    weights = torch.rand(T, k)
+    x = torch.randn(T, H)
+    grads = {}
+    for impl in ("eager", "batched_mm"):
+        torch.manual_seed(7)
+        experts = make_experts(
+            ExpertsSettings(impl), E, H, I, nn.SiLU() if gated else nn.GELU(), gated=gated, biased=biased
+        )
+        for p in experts.parameters():
+            nn.init.normal_(p, std=0.3)
+        leaf_x, leaf_w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        experts(leaf_x, index, leaf_w).sum().backward()  # a stride-0 upstream gradient
+        grads[impl] = [leaf_x.grad, leaf_w.grad] + [p.grad for p in experts.parameters()]
+    for a, b in zip(grads["eager"], grads["batched_mm"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert grads["eager"][3][4].abs().max() == 0  # the idle expert's down_proj gradient
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_expert_mlps_gradcheck(gated):
+    """The in-place node's backward (gradcheck), its inference path, and the plain-autograd path agree."""
+    torch.manual_seed(8)
+    E, H, I, counts = 3, 4, 5, [2, 0, 3]
+    up = torch.randn(E, (2 if gated else 1) * I, H, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E, H, I, dtype=torch.float64, requires_grad=True)
+    up_b = torch.randn(E, up.shape[1], dtype=torch.float64, requires_grad=True)
+    down_b = torch.randn(E, H, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(counts), H, dtype=torch.float64, requires_grad=True)
+    inputs = (x, up, down, up_b, down_b)
+
+    def run(act):
+        return lambda x, up, down, up_b, down_b: expert_mlps(
+            x, counts, up, down, act, gated=gated, up_bias=up_b, down_bias=down_b
+        )
+
+    torch.autograd.gradcheck(run(nn.SiLU() if gated else nn.GELU()), inputs)
+    leaky = run(nn.LeakyReLU(0.25))  # no parameter: the in-place node
+    prelu = nn.PReLU(dtype=torch.float64)  # the same function with a parameter: the plain autograd path
+    prelu.weight.data.fill_(0.25)
+    torch.autograd.gradcheck(run(prelu), inputs)
+    training = leaky(*inputs)
+    torch.testing.assert_close(training, run(prelu)(*inputs))
+    with torch.no_grad():  # the inference path (no saved buffers) computes the same values
+        torch.testing.assert_close(leaky(*inputs), training.detach(), atol=0, rtol=0)
 
 
 def test_auto_settings_pick_the_implementation_per_device():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
+from moekit.moe.fused import expert_mlps
 from moekit.moe.slots import gather_slots, slot_order, unsort_slots
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -93,33 +94,27 @@ class _ExpertsBase(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eager path: slots sorted by expert once, one dense matmul per expert that received tokens.
+        """Eager path: slots sorted by expert once, then each expert's MLP on its block of rows.
 
-        Written for CPU speed in fwd+bwd: the 3-D weights are unbound once (indexing `w[e]` per expert would make
-        autograd allocate and add a full-size zero gradient per expert), the sorted inputs are split rather than
-        sliced for the same reason, rows move with permutation gathers (`moekit.moe.slots`, no index_add) and the k
-        slots of each token are mixed with one einsum.
+        Written for CPU speed: rows move with permutation gathers (`moekit.moe.slots`, no index_add), the experts run
+        as one autograd node that writes outputs and gradients in place (`moekit.moe.fused`), and the k slots of
+        each token are mixed with one einsum.
         """
         num_tokens, top_k = top_k_index.shape
         order, inverse, counts = slot_order(top_k_index, self.num_experts)
         inputs = gather_slots(hidden_states, order, inverse, top_k)
-        up_weights, down_weights = self.up_weight.unbind(0), self.down_proj.unbind(0)
-        up_biases = self.up_bias.unbind(0) if self.biased else [None] * self.num_experts
-        down_biases = self.down_proj_bias.unbind(0) if self.biased else [None] * self.num_experts
-        outputs = []
-        for expert, x in enumerate(inputs.split(counts)):
-            if x.shape[0] == 0:
-                continue
-            h = F.linear(x, up_weights[expert], up_biases[expert])
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act_fn(gate) * up
-            else:
-                h = self.act_fn(h)
-            outputs.append(F.linear(h, down_weights[expert], down_biases[expert]))
-        if not outputs:  # no tokens at all
-            return hidden_states.new_zeros(hidden_states.shape)
-        per_slot = unsort_slots(torch.cat(outputs), order, inverse).view(num_tokens, top_k, -1)
+        down_bias = self.down_proj_bias if self.biased else None
+        out = expert_mlps(
+            inputs,
+            counts,
+            self.up_weight,
+            self.down_proj,
+            self.act_fn,
+            gated=self.gated,
+            up_bias=self.up_bias,
+            down_bias=down_bias,
+        )
+        per_slot = unsort_slots(out, order, inverse).view(num_tokens, top_k, out.shape[-1])
         return torch.einsum("tk,tkh->th", top_k_weights.to(per_slot.dtype), per_slot)
 
     def extra_repr(self) -> str:
