@@ -10,6 +10,8 @@ from torch import nn
 from moekit.moe import MoeBlock, MoeContext, RoutingStats, TopKRouter, load_balancing_loss, router_z_loss
 from moekit.moe.context import IMAGE, TEXT, VIDEO
 from moekit.moe.experts import ExpertsSettings, make_experts
+from moekit.moe.fused import expert_mlps
+from moekit.moe.slots import gather_slots, slot_order, unsort_slots
 
 
 def test_router_keeps_top_k_and_renormalises():
@@ -89,6 +91,128 @@ def test_grouped_mm_gradients_match_eager():
         grads[impl] = [x.grad] + [p.grad for p in block.parameters()]
     for a, b in zip(grads["eager"], grads["grouped_mm"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _slot_case(T=7, E=4, k=2, seed=5):
+    torch.manual_seed(seed)
+    index = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    return index, slot_order(index, E)
+
+
+def test_slot_order_sorts_by_expert_and_inverts():
+    index, (order, inverse, counts) = _slot_case()
+    flat = index.reshape(-1)
+    assert torch.equal(flat[order], flat.sort(stable=True).values)
+    assert torch.equal(order[inverse], torch.arange(flat.numel()))
+    assert counts == torch.bincount(flat, minlength=4).tolist()
+
+
+def test_slot_moves_match_indexing_with_exact_gradients():
+    index, (order, inverse, _) = _slot_case()
+    hidden = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(gather_slots(hidden, order, inverse, 2), hidden[order // 2])
+    torch.autograd.gradcheck(lambda h: gather_slots(h, order, inverse, 2), (hidden,))
+    rows = torch.randn(14, 3, dtype=torch.float64, requires_grad=True)
+    unsorted = unsort_slots(rows, order, inverse)
+    assert torch.equal(unsorted[order], rows)
+    torch.autograd.gradcheck(lambda r: unsort_slots(r, order, inverse), (rows,))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("biased", [False, True])
+def test_eager_gradients_match_batched_mm_with_an_idle_expert(gated, biased):
+    """Every gradient of the eager path (custom backward) against transformers' batched_mm (plain autograd)."""
+    torch.manual_seed(6)
+    E, H, I, T, k = 5, 8, 12, 11, 2
+    index = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert 4 gets no token
+    weights = torch.rand(T, k)
+    x = torch.randn(T, H)
+    grads = {}
+    for impl in ("eager", "batched_mm"):
+        torch.manual_seed(7)
+        experts = make_experts(
+            ExpertsSettings(impl), E, H, I, nn.SiLU() if gated else nn.GELU(), gated=gated, biased=biased
+        )
+        for p in experts.parameters():
+            nn.init.normal_(p, std=0.3)
+        leaf_x, leaf_w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        experts(leaf_x, index, leaf_w).sum().backward()  # a stride-0 upstream gradient
+        grads[impl] = [leaf_x.grad, leaf_w.grad] + [p.grad for p in experts.parameters()]
+    for a, b in zip(grads["eager"], grads["batched_mm"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert grads["eager"][3][4].abs().max() == 0  # the idle expert's down_proj gradient
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_expert_mlps_gradcheck(gated):
+    """The in-place node's backward (gradcheck), its inference path, and the plain-autograd path agree."""
+    torch.manual_seed(8)
+    E, H, I, counts = 3, 4, 5, [2, 0, 3]
+    up = torch.randn(E, (2 if gated else 1) * I, H, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E, H, I, dtype=torch.float64, requires_grad=True)
+    up_b = torch.randn(E, up.shape[1], dtype=torch.float64, requires_grad=True)
+    down_b = torch.randn(E, H, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(counts), H, dtype=torch.float64, requires_grad=True)
+    inputs = (x, up, down, up_b, down_b)
+
+    def run(act):
+        return lambda x, up, down, up_b, down_b: expert_mlps(
+            x, counts, up, down, act, gated=gated, up_bias=up_b, down_bias=down_b
+        )
+
+    torch.autograd.gradcheck(run(nn.SiLU() if gated else nn.GELU()), inputs)
+    leaky = run(nn.LeakyReLU(0.25))  # no parameter: the in-place node
+    prelu = nn.PReLU(dtype=torch.float64)  # the same function with a parameter: the plain autograd path
+    prelu.weight.data.fill_(0.25)
+    torch.autograd.gradcheck(run(prelu), inputs)
+    training = leaky(*inputs)
+    torch.testing.assert_close(training, run(prelu)(*inputs))
+    with torch.no_grad():  # the inference path (no saved buffers) computes the same values
+        torch.testing.assert_close(leaky(*inputs), training.detach(), atol=0, rtol=0)
+
+
+def test_auto_settings_pick_the_implementation_per_device():
+    settings = ExpertsSettings()
+    assert (settings.requested, settings._experts_implementation) == ("auto", "eager")
+    settings.resolve(torch.device("cuda"))  # a pure choice: no GPU needed
+    assert settings._experts_implementation == "grouped_mm"
+    settings.resolve(torch.device("cpu"))
+    assert settings._experts_implementation == "eager"
+    fixed = ExpertsSettings("grouped_mm")
+    fixed.resolve(torch.device("cpu"))
+    assert fixed._experts_implementation == "grouped_mm"
+    with pytest.raises(ValueError, match="unknown experts implementation 'fast'.*'auto'"):
+        ExpertsSettings("fast")
+
+
+def test_default_block_takes_broadcast_gradients_and_matches_batched_mm():
+    """`out.sum().backward()` (a stride-0 gradient) works on CPU by default, with batched_mm's gradients."""
+    grads = {}
+    for impl in ("auto", "batched_mm"):
+        torch.manual_seed(4)
+        block = MoeBlock(
+            MoeContext(settings=ExpertsSettings(impl)),
+            hidden_size=8,
+            intermediate_size=12,
+            num_experts=4,
+            top_k=2,
+            act=nn.SiLU(),
+            gated=True,
+            biased=False,
+        )
+        for p in block.parameters():
+            nn.init.normal_(p, std=0.3)
+        x = torch.randn(3, 5, 8, requires_grad=True)
+        block(x).sum().backward()
+        grads[impl] = [x.grad] + [p.grad for p in block.parameters()]
+    for a, b in zip(grads["auto"], grads["batched_mm"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_experts_take_zero_tokens():
+    experts = make_experts(ExpertsSettings("eager"), 4, 8, 12, nn.SiLU(), gated=True, biased=False)
+    out = experts(torch.randn(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.shape == (0, 8)
 
 
 def test_block_with_identical_experts_is_the_dense_ffn():

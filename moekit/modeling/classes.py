@@ -38,7 +38,7 @@ class MoekitModelMixin:
         super().__init__(config, *args, **kwargs)
         meta = config.moekit
         # The stock dense classes cannot take transformers' experts_implementation switch, so moekit keeps its
-        # own (see set_experts_implementation); the default is grouped_mm where torch has the kernel.
+        # own (see set_experts_implementation); the default `auto` picks the fastest per device (eager on CPU).
         context = new_context(meta)
         attach_context(self, context)
         std = getattr(config.get_text_config(), "initializer_range", 0.02) or 0.02
@@ -49,7 +49,7 @@ class MoekitModelMixin:
         }
 
     def set_experts_implementation(self, experts_implementation: str | dict) -> None:
-        """Choose how the routed experts run: `eager`, `grouped_mm` or `batched_mm` (transformers' kernels)."""
+        """Choose how the routed experts run: `eager`, `grouped_mm`, `batched_mm` (transformers' kernels) or `auto`."""
         name = experts_implementation if isinstance(experts_implementation, str) else experts_implementation.get("")
         self._moekit_context.settings.set(name)
 

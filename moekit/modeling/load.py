@@ -33,7 +33,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path, *, experts_implementation: str | None = None, **kwargs: Any):
     """Load a moekit MoE checkpoint. Extra keyword arguments go to `from_pretrained` (dtype, device_map, ...).
 
-    `experts_implementation` picks how the routed experts run (`eager`, `grouped_mm`, `batched_mm`).
+    `experts_implementation` picks how the routed experts run (`eager`, `grouped_mm`, `batched_mm`, or `auto`:
+    the fastest for the device of each forward).
     Only local files and safetensors are read; a checkpoint that lacks any weight is an error, never a model
     with randomly initialised experts.
     """

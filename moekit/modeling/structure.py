@@ -11,7 +11,7 @@ from torch import nn
 
 from moekit.arch import ArchAdapter
 from moekit.moe import MoeBlock, MoeContext
-from moekit.moe.experts import IMPLEMENTATIONS, ExpertsSettings, default_implementation
+from moekit.moe.experts import AUTO, IMPLEMENTATIONS, ExpertsSettings
 
 FORMAT_VERSION = 1
 
@@ -35,7 +35,7 @@ def guard_pattern(meta: dict[str, Any]) -> str:
 
 
 def new_context(meta: dict[str, Any], requested: str | None = None) -> MoeContext:
-    impl = requested if requested in IMPLEMENTATIONS else default_implementation()
+    impl = requested if requested in IMPLEMENTATIONS else AUTO
     arch = meta["arch"]
     return MoeContext(
         image_token_ids=tuple(arch.get("image_token_ids", ())),

@@ -71,6 +71,7 @@ class MoeBlock(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         logits, top_weights, top_index = self.gate(flat)
+        self.context.settings.resolve(flat.device)
         out = self.experts(flat, top_index, top_weights)
         if self.shared_expert is not None:
             out = self.shared_expert(flat, out)

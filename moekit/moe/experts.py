@@ -18,25 +18,47 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
+from moekit.moe.fused import expert_mlps
+from moekit.moe.slots import gather_slots, slot_order, unsort_slots
+
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+AUTO = "auto"
 
 
-def default_implementation() -> str:
-    """`grouped_mm` where this torch has a grouped GEMM kernel (CPU >= 2.9, CUDA sm80+), else `eager`."""
+def default_implementation(device: torch.device | str = "cpu") -> str:
+    """The implementation measured fastest on `device` (bench/moe_block.py, docs/benchmarks.md).
+
+    CPU: moekit's eager loop matches or beats torch's CPU `grouped_mm` in forward and forward+backward, and its
+    backward accepts the stride-0 gradients of `out.sum().backward()` that the CPU `grouped_mm` backward rejects.
+    CUDA: `grouped_mm` (one kernel, no host sync; transformers falls back by itself on GPUs without the kernel).
+    """
     has_kernel = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
-    return "grouped_mm" if has_kernel else "eager"
+    return "grouped_mm" if torch.device(device).type == "cuda" and has_kernel else "eager"
 
 
 @dataclass
 class ExpertsSettings:
-    """Shared by every experts module of one model; transformers' dispatcher reads `_experts_implementation`."""
+    """Shared by every experts module of one model; transformers' dispatcher reads `_experts_implementation`.
 
-    _experts_implementation: str = "eager"
+    `requested` is one of IMPLEMENTATIONS or `auto` (the default): auto follows `default_implementation` for the
+    device of each MoeBlock forward, so a model moved between CPU and GPU keeps the fastest path.
+    """
+
+    requested: str = AUTO
+
+    def __post_init__(self) -> None:
+        self.set(self.requested)
 
     def set(self, name: str) -> None:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown experts implementation {name!r}; choose one of {IMPLEMENTATIONS}")
-        self._experts_implementation = name
+        if name not in (*IMPLEMENTATIONS, AUTO):
+            raise ValueError(f"unknown experts implementation {name!r}; choose one of {(*IMPLEMENTATIONS, AUTO)}")
+        self.requested = name
+        self._experts_implementation = default_implementation() if name == AUTO else name
+
+    def resolve(self, device: torch.device) -> None:
+        """Pick the implementation for `device` when `auto` was requested (called by MoeBlock on each forward)."""
+        if self.requested == AUTO:
+            self._experts_implementation = default_implementation(device)
 
 
 class _ExpertsBase(nn.Module):
@@ -72,33 +94,28 @@ class _ExpertsBase(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eager path: tokens sorted by expert, one dense matmul per expert that received tokens."""
+        """Eager path: slots sorted by expert once, then each expert's MLP on its block of rows.
+
+        Written for CPU speed: rows move with permutation gathers (`moekit.moe.slots`, no index_add), the experts run
+        as one autograd node that writes outputs and gradients in place (`moekit.moe.fused`), and the k slots of
+        each token are mixed with one einsum.
+        """
         num_tokens, top_k = top_k_index.shape
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        token_of_slot = order // top_k
-        inputs = hidden_states[token_of_slot]
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            x = inputs[start : start + count]
-            bias = None if self.up_bias is None else self.up_bias[expert]
-            h = F.linear(x, self.up_weight[expert], bias)
-            if self.gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = self.act_fn(gate) * up
-            else:
-                h = self.act_fn(h)
-            bias = self.down_proj_bias[expert] if self.biased else None
-            outputs.append(F.linear(h, self.down_proj[expert], bias))
-            start += count
-        out = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
+        order, inverse, counts = slot_order(top_k_index, self.num_experts)
+        inputs = gather_slots(hidden_states, order, inverse, top_k)
+        down_bias = self.down_proj_bias if self.biased else None
+        out = expert_mlps(
+            inputs,
+            counts,
+            self.up_weight,
+            self.down_proj,
+            self.act_fn,
+            gated=self.gated,
+            up_bias=self.up_bias,
+            down_bias=down_bias,
+        )
+        per_slot = unsort_slots(out, order, inverse).view(num_tokens, top_k, out.shape[-1])
+        return torch.einsum("tk,tkh->th", top_k_weights.to(per_slot.dtype), per_slot)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "plain"
