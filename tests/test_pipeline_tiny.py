@@ -47,7 +47,7 @@ def test_pipeline_validates_before_its_inputs_exist_and_runs(smoke_run):
     root, validated, result = smoke_run
     assert validated.exit_code == 0, validated.output
     assert result.exit_code == 0, result.output
-    for stage in ("stage1_1", "stage1_2_image", "stage1_2_video", "stage1_2_3d", "stage2_1", "stage2_2"):
+    for stage in ("pretrain", "stage1_1", "stage1_2_image", "stage1_2_video", "stage1_2_3d", "stage2_1", "stage2_2"):
         assert f"wrote runs/polyv-tiny/{stage}/model" in result.output
         assert (root / "runs" / "polyv-tiny" / stage / "model" / "moekit.json").is_file()
 
@@ -74,8 +74,8 @@ def test_report_has_curves_routing_parameters_and_accuracy(smoke_run):
     for png in ("loss_curves.png", "accuracy.png", "routes/routes_by_modality.png", "routes/routes_by_dataset.png"):
         assert (report / png).stat().st_size > 5_000, png
     data = json.loads((report / "report.json").read_text())
-    assert list(data["accuracy"]) == ["base", "stage1_1", "stage2_2"]
-    assert set(data["accuracy"]["base"]["per_task"]) == {"colour", "count", "motion", "nearer"}
+    assert list(data["accuracy"]) == ["base", "pretrain", "stage1_1", "stage2_2"]
+    assert set(data["accuracy"]["base"]["per_task"]) == {"colour", "count", "background", "motion", "nearer"}
     assert set(data["routes"]) == {"image", "video", "3d"}
     for row in data["routes"].values():
         assert len(row["expert_share"]) == 4 and abs(sum(row["expert_share"]) - 1) < 1e-6

@@ -8,6 +8,7 @@ from moekit.data.synth.writer import SynthSpec, write_synth
 from .conftest import SMALL
 
 FILES = {
+    "pretrain_captions.jsonl": 13,  # 6 images + 4 videos + 3 scenes
     "stage1_1_3d.jsonl": 3,
     "stage1_2_image.jsonl": 6,
     "stage1_2_video.jsonl": 4,
@@ -16,7 +17,7 @@ FILES = {
     "stage2_2_csqa.jsonl": 7,
     "teach_video.jsonl": 4,
     "teach_scene.jsonl": 3,
-    "eval.jsonl": 8,
+    "eval.jsonl": 10,
 }
 
 
@@ -53,9 +54,22 @@ def test_structure_and_schema(synth_dir):
 
 def test_eval_questions_are_checkable(synth_dir):
     samples = [parse_sample(r) for r in read_records(synth_dir / "eval.jsonl")]
-    assert sorted({s.task for s in samples}) == ["colour", "count", "motion", "nearer"]
+    assert sorted({s.task for s in samples}) == ["background", "colour", "count", "motion", "nearer"]
     for s in samples:
         assert s.conversations[-1].value in s.choices and len(set(s.choices)) == len(s.choices) >= 2
+
+
+def test_pretrain_captions_describe_every_training_sample(synth_dir):
+    captions = [parse_sample(r) for r in read_records(synth_dir / "pretrain_captions.jsonl")]
+    sources = {}
+    for name in ("stage1_2_image.jsonl", "stage1_2_video.jsonl", "stage1_2_3d.jsonl"):
+        sources |= {s.id: s for s in map(parse_sample, read_records(synth_dir / name))}
+    assert {c.id.removesuffix("-cap") for c in captions} == set(sources)
+    for caption in captions:
+        source = sources[caption.id.removesuffix("-cap")]
+        assert len(caption.conversations) == 2 and caption.conversations[0].value.split("\n")[-1].startswith("Describe")
+        assert caption.conversations[1].value in [t.value for t in source.conversations[1::2]]  # its description
+        assert caption.modality == source.modality
 
 
 def test_answers_follow_the_graphs(synth_dir):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.data.synth.vocab import COLOURS, DIRECTIONS, NUMBERS, SHAPES_2D, TEMPLATES
+from moekit.data.synth.vocab import BACKGROUNDS, COLOURS, DIRECTIONS, NUMBERS, SHAPES_2D, TEMPLATES
 
 MIN_VISIBLE = 12  # pixels of an object that count as "seen" in a view
 
@@ -54,6 +54,7 @@ def image_questions(graph: dict, rng: np.random.Generator) -> list[QA]:
             "yes" if probe == obj["name"] else "no",
             ["yes", "no"],
         ),
+        QA("background", _t("background_q"), graph["background"], list(BACKGROUNDS)),
         QA(
             "describe",
             _t("describe_image_q"),
@@ -69,6 +70,7 @@ def video_questions(graph: dict) -> list[QA]:
     return [
         QA("motion", _t("motion_q", colour=colour, shape=shape), graph["direction"], list(DIRECTIONS)),
         QA("moving_colour", _t("moving_colour_q"), colour, list(COLOURS)),
+        QA("background", _t("background_q"), graph["background"], list(BACKGROUNDS)),
         QA(
             "describe",
             _t("describe_video_q"),

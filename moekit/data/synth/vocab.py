@@ -33,6 +33,7 @@ TEMPLATES: dict[str, str] = {
     "shape_q": "What shape is {colour} ?",
     "count_q": "How many shapes are there ?",
     "exists_q": "Is there a {colour} {shape} ?",
+    "background_q": "What colour is the background ?",
     "describe_image_q": "Describe the image .",
     "describe_video_q": "Describe the video .",
     "describe_scene_q": "Describe the room .",

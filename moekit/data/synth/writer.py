@@ -2,6 +2,8 @@
 
 Files (JSONL in the LLaVA-style schema of `moekit.data.schema`, media under `media/`):
 
+    pretrain_captions.jsonl  a description of every training image, video and scene (one turn each): the tiny
+                             pipeline's stand-in for the pretraining a real base VLM has had
     stage1_1_3d.jsonl        3D alignment: a scene (multi-view frames + depth + poses) and its description
     stage1_2_image.jsonl     image instructions (colour, shape, count, existence, description), multi-turn
     stage1_2_video.jsonl     video instructions (motion direction, moving colour, description)
@@ -11,7 +13,7 @@ Files (JSONL in the LLaVA-style schema of `moekit.data.schema`, media under `med
     teach_video.jsonl        ids + videos of the pairs, for `moekit teach` (the cache is read by these ids)
     teach_scene.jsonl        ids + scene views of the pairs, likewise
     stage2_2_csqa.jsonl      cross-vision QA: image + video or image + scene, questions from paired graphs
-    eval.jsonl               held-out multiple-choice questions (colour, count, motion, nearer) with `choices`
+    eval.jsonl               held-out multiple-choice questions (colour, count, background, motion, nearer) with `choices`
     synth.json               the spec, the files, sample counts and the moekit version
 """
 
@@ -41,7 +43,7 @@ from moekit.data.synth.questions import (
 from moekit.data.synth.vocab import TEMPLATES
 from moekit.io.atomic import atomic_dir
 
-EVAL_TASKS = ("colour", "count", "motion", "nearer")
+EVAL_TASKS = ("colour", "count", "background", "motion", "nearer")
 
 
 class SynthSpec(StrictModel):
@@ -131,23 +133,31 @@ class _Writer:
         return self.image(rel, rgb), {"objects": objects}
 
 
+def _caption(w: _Writer, sid: str, media: dict, prefix: str, qas: list[QA]) -> None:
+    describe = [qa for qa in qas if qa.task == "describe"]
+    w.add("pretrain_captions.jsonl", {"id": f"{sid}-cap", **media, "conversations": _conversation(prefix, describe)})
+
+
 def _train(w: _Writer, rngs: list[np.random.Generator]) -> None:
     spec = w.spec
     for n in range(spec.images):
         pixels, graph = draw2d.still_image(rngs[0], w.size)
         rel = w.image(f"media/images/img-{n:05d}.png", pixels)
+        qas = image_questions(graph, rngs[0])
+        _caption(w, f"img-{n:05d}", {"image": rel}, "<image>\n", qas)
         w.add(
             "stage1_2_image.jsonl",
             {
                 "id": f"img-{n:05d}",
                 "image": rel,
-                "conversations": _conversation("<image>\n", image_questions(graph, rngs[0])),
+                "conversations": _conversation("<image>\n", qas),
                 "meta": {"graph": graph},
             },
         )
     for n in range(spec.videos):
         frames, graph = draw2d.clip(rngs[1], spec.frames, w.size)
         rel = w.video(f"media/videos/vid-{n:05d}", frames)
+        _caption(w, f"vid-{n:05d}", {"video": rel}, "<video>\n", video_questions(graph))
         w.add(
             "stage1_2_video.jsonl",
             {
@@ -161,6 +171,7 @@ def _train(w: _Writer, rngs: list[np.random.Generator]) -> None:
         rel, scene = w.scene(f"media/scenes/scn-{n:05d}", rngs[2])
         qas = scene_questions(scene["graph"], rngs[2])
         describe = [qa for qa in qas if qa.task == "describe"]
+        _caption(w, f"scn-{n:05d}", {"scene": rel}, "<video>\n", qas)
         w.add(
             "stage1_1_3d.jsonl",
             {"id": f"scn-{n:05d}-align", "scene": rel, "conversations": _conversation("<video>\n", describe)},
@@ -243,7 +254,7 @@ def _eval(w: _Writer, rng: np.random.Generator) -> None:
             continue
         sid = f"eval-{kind}-{counts[kind]:04d}"
         media: dict
-        if kind in ("colour", "count"):
+        if kind in ("colour", "count", "background"):
             pixels, graph = draw2d.still_image(rng, w.size)
             media, prefix = {"image": w.image(f"media/eval/{sid}.png", pixels)}, "<image>\n"
             qa = next(q for q in image_questions(graph, rng) if q.task == kind)
