@@ -20,6 +20,7 @@ from moekit.data.dataset import MixtureDataset
 from moekit.data.schema import BadSample
 from moekit.moe import RoutingStats
 from moekit.moe.context import get_context
+from moekit.position import feeding
 
 
 class _Tee:
@@ -40,9 +41,15 @@ def expert_names(model: Any) -> list[str] | None:
 
 @torch.no_grad()
 def collect_routes(
-    model: Any, dataset: MixtureDataset, *, batch_size: int = 4, max_samples: int | None = None
+    model: Any,
+    dataset: MixtureDataset,
+    *,
+    batch_size: int = 4,
+    max_samples: int | None = None,
+    encoders: dict[str, Any] | None = None,
 ) -> tuple[dict[str, RoutingStats], dict[str, RoutingStats], dict[str, dict[str, int]]]:
-    """(stats per dataset, stats per sample modality, sample counts per dataset and modality)."""
+    """(stats per dataset, stats per sample modality, sample counts per dataset and modality); `encoders` are the
+    position encoders attached to `model`, fed each batch's geometry."""
     context = get_context(model)
     names = expert_names(model)
     by_dataset: dict[str, RoutingStats] = {}
@@ -70,7 +77,8 @@ def collect_routes(
                     extras["sample_modalities"],
                 )
                 try:
-                    model(**inputs)
+                    with feeding(encoders or {}, model, inputs.get("input_ids"), extras.get("geometry")):
+                        model(**inputs)
                 finally:
                     context.stats, context.sample_modalities = previous
     return by_dataset, by_modality, counts
@@ -127,12 +135,15 @@ def write_routes(
     batch_size: int = 4,
     max_samples: int | None = None,
     config: DataConfig | None = None,
+    encoders: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collect, then write `routes.json`, `routes_by_dataset.png` and `routes_by_modality.png` into `out`."""
     from moekit.analysis.plots import plot_shares
     from moekit.io.atomic import atomic_dir
 
-    by_dataset, by_modality, counts = collect_routes(model, dataset, batch_size=batch_size, max_samples=max_samples)
+    by_dataset, by_modality, counts = collect_routes(
+        model, dataset, batch_size=batch_size, max_samples=max_samples, encoders=encoders
+    )
     experts = expert_names(model)
     report = routes_report(by_dataset, by_modality, counts, experts, model_path)
     if config is not None:

@@ -25,13 +25,16 @@ def evaluate(
     from moekit.data.preprocess import Preprocessor
     from moekit.io.atomic import atomic_write_text
     from moekit.modeling.load import load_any
+    from moekit.position import load_encoders
 
     if normalise not in ("sum", "mean"):
         raise ValueError(f"--normalise {normalise!r}: choose sum or mean")
     samples = read_choice_samples(data)
     preprocessor = Preprocessor.from_dir(model, tokenizer)
-    torch.set_grad_enabled(False)
-    report = score_choices(load_any(model), preprocessor, samples, data.parent, normalise=normalise)
+    loaded = load_any(model)
+    encoders = load_encoders(model, loaded)  # those saved with the checkpoint (moekit.json), if any
+    with torch.no_grad():  # not set_grad_enabled: the CLI also runs inside other programs (tests, notebooks)
+        report = score_choices(loaded, preprocessor, samples, data.parent, normalise=normalise, encoders=encoders)
     typer.echo(
         f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['total']}, chance {report['chance']:.3f})"
     )

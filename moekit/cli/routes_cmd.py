@@ -31,15 +31,26 @@ def routes(
     from moekit.data.loader import build_dataset
     from moekit.data.preprocess import Preprocessor
     from moekit.io.atomic import is_nonempty_dir
+    from moekit.position import load_encoders
 
     if is_nonempty_dir(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     config, base = data_config(data, max_samples, "skip" if skip_bad else "fail")
     preprocessor = Preprocessor.from_dir(model, tokenizer)
     dataset = build_dataset(config, preprocessor, base_dir=base)
-    torch.set_grad_enabled(False)
     net = moekit.load(model).eval()
-    report = write_routes(net, dataset, out, str(model), batch_size=batch_size, max_samples=max_samples, config=config)
+    encoders = load_encoders(model, net)  # those saved with the checkpoint (moekit.json), if any
+    with torch.no_grad():  # not set_grad_enabled: the CLI also runs inside other programs (tests, notebooks)
+        report = write_routes(
+            net,
+            dataset,
+            out,
+            str(model),
+            batch_size=batch_size,
+            max_samples=max_samples,
+            config=config,
+            encoders=encoders,
+        )
     experts = report["experts"] or []
     typer.echo(f"wrote {out}/routes.json and plots; experts {experts}")
     for group, label in (("datasets", "dataset"), ("modalities", "modality")):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from moekit.data.chat import IGNORE
 from moekit.data.collate import Collator, split_batch
@@ -22,6 +23,7 @@ from moekit.data.config import FramesSpec
 from moekit.data.media import load_media
 from moekit.data.preprocess import Preprocessor
 from moekit.data.schema import Sample, parse_sample, read_records
+from moekit.position import feeding
 
 Normalise = Literal["sum", "mean"]
 
@@ -64,8 +66,12 @@ def score_choices(
     normalise: Normalise = "sum",
     frames: FramesSpec | None = None,
     max_length: int = 2048,
+    encoders: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Rank each sample's choices with `model`; returns accuracy overall and per task, and per-sample details."""
+    """Rank each sample's choices with `model`; returns accuracy overall and per task, and per-sample details.
+
+    `encoders`: position encoders attached to `model` (`moekit.position.load_encoders`), fed each sample's geometry.
+    """
     frames = frames or FramesSpec()
     collate = Collator(preprocessor.pad_id)
     device = next(model.parameters()).device
@@ -77,10 +83,11 @@ def score_choices(
             variant = sample.model_copy(deep=True)
             variant.conversations[-1].value = choice
             items.append(preprocessor.encode(variant, media, max_length))
-        inputs, _ = split_batch(collate(items))
+        inputs, extras = split_batch(collate(items))
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         labels = inputs.pop("labels")
-        logits = model(**inputs).logits
+        with feeding(encoders or {}, model, inputs["input_ids"], extras.get("geometry")):
+            logits = model(**inputs).logits
         total, count = final_answer_logprobs(logits, labels)
         scores = total / count.clamp(min=1) if normalise == "mean" else total
         best = int(scores.argmax())

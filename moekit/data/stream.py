@@ -62,7 +62,8 @@ class Batches:
         for local in range(self.request.start, self.length):
             items = [self.dataset[i] for i in self.indices[local * size : (local + 1) * size]]
             batch = self.collate(items)
-            batch.pop("geometry", None)
+            if not any(g is not None for g in batch.get("geometry") or []):
+                batch.pop("geometry", None)
             batch.pop("datasets", None)
             teacher = batch.get("teacher")
             batch["teacher"] = teacher if teacher and any(t is not None for t in teacher) else None

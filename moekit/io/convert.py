@@ -29,11 +29,13 @@ from moekit.io.reader import CheckpointError, CheckpointReader
 from moekit.io.sources import CheckpointSource, LoraSource, checkpoint_source
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.meta_model import meta_model, read_config
+from moekit.position import carry_encoders
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
 
-SKIP_FILES = ("config.json", "moekit.yaml")
+# A stage output's provenance (moekit.json, recipe.yaml) describes the base, not this checkpoint.
+SKIP_FILES = ("config.json", "moekit.yaml", "moekit.json", "recipe.yaml")
 
 
 @dataclass
@@ -403,6 +405,7 @@ def convert(
             "moe_layers": plan.layers,
         }
         (tmp / "moekit.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        carry_encoders(plan.base_dir, tmp, {"moekit_version": __version__, "made_by": "moekit upcycle"})
     report.bytes_written = total
     report.seconds = time.perf_counter() - start
     return report

@@ -30,6 +30,7 @@ GroupName = Literal[
     "router",
     "experts",
     "synergy_heads",
+    "position_encoders",
     "lora",
     "all",
 ]
@@ -256,6 +257,11 @@ class Stage(StrictModel):
     teachers: dict[str, ComponentRef] = Field(
         default_factory=dict, description="teacher per batch slot (video, scene); skipped for cached features"
     )
+    position_encoders: list[ComponentRef] | None = Field(
+        None,
+        description="visual-token position encoders (plug-in kind position_encoder); default: those saved with the "
+        "model the stage starts from; [] for none",
+    )
     data: DataConfig | None = None
     data_source: str = Field("data", description="batch source: 'data' (moekit.data) or a registered name")
     data_params: dict[str, Any] = Field(default_factory=dict, description="parameters of a non-default data_source")
@@ -306,6 +312,8 @@ class Stage(StrictModel):
             problems.append("trainable group 'lora' needs a lora: section")
         if "synergy_heads" in groups and not self.losses.synergy:
             problems.append("trainable group 'synergy_heads' needs losses.synergy")
+        if "position_encoders" in groups and self.position_encoders == []:
+            problems.append("trainable group 'position_encoders' but position_encoders: [] turns them off")
         if self.save == "lora_adapter" and self.lora is None:
             problems.append("save: lora_adapter needs a lora: section")
         if self.data_source == "data" and self.data is None:

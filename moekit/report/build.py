@@ -57,9 +57,12 @@ def _accuracy(path: Path, eval_file: Path) -> dict[str, Any]:
     from moekit.data.evaluate import read_choice_samples, score_choices
     from moekit.data.preprocess import Preprocessor
     from moekit.modeling.load import load_any
+    from moekit.position import load_encoders
 
     model = load_any(path)
-    report = score_choices(model, Preprocessor.from_dir(path), read_choice_samples(eval_file), eval_file.parent)
+    samples = read_choice_samples(eval_file)
+    encoders = load_encoders(path, model)
+    report = score_choices(model, Preprocessor.from_dir(path), samples, eval_file.parent, encoders=encoders)
     report.pop("samples", None)
     return report
 
@@ -70,12 +73,14 @@ def _routes(path: Path, files: list[str], out: Path, max_samples: int | None) ->
     from moekit.data.loader import build_dataset
     from moekit.data.preprocess import Preprocessor
     from moekit.modeling.load import load
+    from moekit.position import load_encoders
 
     config = DataConfig(datasets=[{"name": Path(f).stem, "path": f} for f in files], bad_samples="skip")
     model = load(path).eval()
+    encoders = load_encoders(path, model)
     dataset = build_dataset(config, Preprocessor.from_dir(path))
     with torch.no_grad():
-        report = write_routes(model, dataset, out, str(path), max_samples=max_samples, config=config)
+        report = write_routes(model, dataset, out, str(path), max_samples=max_samples, config=config, encoders=encoders)
     return {k: {"samples": v["samples"], "expert_share": v["expert_share"]} for k, v in report["modalities"].items()}
 
 

@@ -3,7 +3,8 @@
 Paths come from the architecture adapter (`moekit.arch.resolve_arch`: decoder layers and FFNs) and the family
 table (`vision`, `projector`); MoE blocks are found by type (`MoeBlock.gate` is the router, `.experts` and
 `.shared_expert` the experts). Parameters are named as in the `TrainModule` that holds the model
-(`model.<name in model.named_parameters()>` and `synergy_heads.<head>.<param>`).
+(`model.<name in model.named_parameters()>`, `synergy_heads.<head>.<param>`,
+`position_encoders.<encoder>.<param>`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _decoder_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def group_parameters(train_module: nn.Module) -> dict[str, set[int]]:
-    """`id(parameter)` sets of every named group for a `TrainModule` (attributes `model`, `synergy_heads`)."""
+    """`id(parameter)` sets of every named group for a `TrainModule` (attributes `model`, `synergy_heads`,
+    `position_encoders`)."""
     model = hf_model(train_module.model)
     groups: dict[str, list[nn.Parameter]] = {
         "projector": _projector(model),
@@ -98,6 +100,7 @@ def group_parameters(train_module: nn.Module) -> dict[str, set[int]]:
         "lm_head": _params(model.get_output_embeddings()),
         **_decoder_parts(model),
         "synergy_heads": _params(train_module.synergy_heads),
+        "position_encoders": _params(train_module.position_encoders),
         "all": list(train_module.parameters()),
     }
     lora = {id(p) for n, p in train_module.named_parameters() if "lora_" in n}

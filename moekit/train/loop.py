@@ -29,7 +29,7 @@ from moekit.train.schedule import build_scheduler
 from moekit.train.sources import BatchRequest, BatchSource
 from moekit.train.teachers import resolve_teacher
 
-EXTRAS = ("labels", "sample_ids", "sample_modalities", "teacher")
+EXTRAS = ("labels", "sample_ids", "sample_modalities", "teacher", "geometry")
 
 
 @dataclass
@@ -204,12 +204,13 @@ def train_stage(run: StageRun) -> Position:
                 batch.pop("teacher", None),
             )
             batch.pop("sample_ids", None)
+            geometry = batch.pop("geometry", None)
             inputs = to_device(batch, engine.device)
             teacher = resolve_teacher(to_device(teacher, engine.device), run.teachers)
             record = stats is not None and logging_step
             with engine.sync(last):
                 with stats.recording(model) if record else contextlib.nullcontext(), engine.autocast():
-                    terms = engine.forward(inputs, labels.to(engine.device), teacher, modalities)
+                    terms = engine.forward(inputs, labels.to(engine.device), teacher, modalities, geometry)
                     loss = compose(terms, stage.losses, router, ce_scale, 1.0 / stage.grad_accum)
                 engine.backward(loss)
             engine.micro_step_done(last)

@@ -1,11 +1,13 @@
-"""`TrainModule`: the model plus its synergy heads, one forward that returns every raw loss term.
+"""`TrainModule`: the model plus its synergy heads and position encoders, one forward that returns every raw loss
+term.
 
 Distributed wrappers (DDP, FSDP2, DeepSpeed) wrap this module, so head parameters are reduced and sharded with
 the model's. The loop weights and normalises the terms (`compose`), because the CE normaliser (answer tokens
 of the whole optimizer step, over every process) is only known outside one micro-batch.
 
 Synergy heads are plug-in components (`moekit_synergy_heads`): after `head.prepare(model, tokenizer)`,
-`head(hidden_states=..., input_ids=..., teacher=...)` returns a dict of named loss tensors.
+`head(hidden_states=..., input_ids=..., teacher=...)` returns a dict of named loss tensors. Position encoders
+(`moekit.position`) are hooked into the model's visual tokens; each forward hands them the batch's geometry.
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ from torch import nn
 
 from moekit.moe import MoeBlock, router_losses
 from moekit.moe.context import get_context
+from moekit.position import feeding
 from moekit.recipe.schema import Losses
 from moekit.train.groups import hf_model
 
 
 class TrainModule(nn.Module):
-    """`model` (a transformers model, maybe under peft) and `synergy_heads` (name -> head module)."""
+    """`model` (a transformers model, maybe under peft), `synergy_heads` and `position_encoders` (name -> module,
+    the encoders already attached to the model)."""
 
-    def __init__(self, model: nn.Module, heads: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        heads: dict[str, nn.Module] | None = None,
+        encoders: dict[str, nn.Module] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.synergy_heads = nn.ModuleDict(heads or {})
+        self.position_encoders = nn.ModuleDict(encoders or {})
         self.is_moe = any(isinstance(m, MoeBlock) for m in hf_model(model).modules())
         # Parameters every forward must touch (set by sharded engines): a process whose micro-batch skips the
         # vision tower or a head would otherwise reduce fewer gradients than the others and deadlock.
@@ -40,6 +50,7 @@ class TrainModule(nn.Module):
         labels: torch.Tensor,
         teacher: dict[str, Any] | None = None,
         sample_modalities: list[str | None] | None = None,
+        geometry: list[dict[str, torch.Tensor] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Raw terms: `ce_sum` (summed over answer tokens), `ce_tokens`, router losses, `<head>/<term>`."""
         base = hf_model(self.model)
@@ -48,7 +59,8 @@ class TrainModule(nn.Module):
             context.sample_modalities = sample_modalities
             # peft calls the inner forward directly, past the model's pre-hook: fill the context here.
             context.observe(inputs.get("input_ids"), inputs.get("attention_mask"))
-        out = self.model(**inputs, use_cache=False, output_hidden_states=bool(self.synergy_heads))
+        with feeding(self.position_encoders, base, inputs.get("input_ids"), geometry):
+            out = self.model(**inputs, use_cache=False, output_hidden_states=bool(self.synergy_heads))
         shift_labels = labels[:, 1:]
         answer = shift_labels != -100
         logits = out.logits[:, :-1][answer].float()

@@ -25,6 +25,7 @@ from torch import nn
 from moekit.arch import ArchAdapter, ffn_state_keys, resolve_arch
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
+from moekit.position import META_KEY, save_encoders
 
 FORMATS = ("full", "ffn_only", "lora_adapter")
 NOT_COPIED = {"config.json", "generation_config.json", "moekit.json", "recipe.yaml", "model.safetensors.index.json"}
@@ -127,6 +128,7 @@ def save_output(
     state: dict[str, torch.Tensor],
     *,
     heads: dict[str, torch.Tensor],
+    encoders: tuple[list[dict[str, Any]], dict[str, torch.Tensor]] = ([], {}),
     tokenizer: Any | None,
     source_dir: Path | None,
     meta: dict[str, Any],
@@ -148,6 +150,9 @@ def save_output(
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if heads:
                 save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "synergy_heads.safetensors"))
+            refs, encoder_state = encoders
+            if refs:
+                meta = {**meta, META_KEY: save_encoders(tmp, refs, encoder_state)}
             copy_side_files(source_dir, tmp, NOT_COPIED)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

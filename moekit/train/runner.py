@@ -1,5 +1,6 @@
 """Run a validated plan: for each stage build its model (base, an earlier stage, a path, or an upcycle step),
-attach synergy heads, teachers and LoRA, train it, and write its output for the stages that follow.
+attach position encoders, synergy heads, teachers and LoRA, train it, and write its output for the stages that
+follow.
 
 `run_plan(load_plan("recipe.yaml"))` is what `moekit run` does. Pass `batch_source=` to feed every stage from
 your own function instead of the stage's `data_source` (see `moekit.train.sources`).
@@ -89,10 +90,17 @@ def component_problems(stage: Stage, where: str, pending: Iterable[str] = ()) ->
         ("synergy_head", h.name, h.params, f"{where}.losses.synergy[{i}]") for i, h in enumerate(stage.losses.synergy)
     ]
     wanted += [("teacher", t.name, t.params, f"{where}.teachers.{slot}") for slot, t in stage.teachers.items()]
+    encoders = stage.position_encoders or []
+    wanted += [
+        ("position_encoder", e.name, e.params, f"{where}.position_encoders[{i}]") for i, e in enumerate(encoders)
+    ]
     problems = []
-    names = [h.name for h in stage.losses.synergy]
-    if len(set(names)) != len(names):
-        problems.append(f"{where}.losses.synergy: each head may appear once, got {names}")
+    for section, names in (
+        ("losses.synergy", [h.name for h in stage.losses.synergy]),
+        ("position_encoders", [e.name for e in encoders]),
+    ):
+        if len(set(names)) != len(names):
+            problems.append(f"{where}.{section}: each may appear once, got {names}")
     for kind, name, params, loc in wanted:
         try:
             component = registry().get(kind, name, loc)
@@ -202,6 +210,7 @@ def run_stage(
     model, source_dir = build_start(plan, planned, source, where)
     tokenizer = load_tokenizer(source_dir)
     original_rows = model.get_input_embeddings().num_embeddings
+    encoders, encoder_refs = _encoders(stage, where, model, source_dir)
     heads = _heads(stage, where, model, tokenizer)
     if any(g.name == "new_token_embeddings" for g in stage.all_groups()):
         embeddings.extend(model, original_rows)
@@ -212,18 +221,26 @@ def run_stage(
     if stage.gradient_checkpointing:
         hf_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    module = TrainModule(model, heads)
+    module = TrainModule(model, heads, encoders)
     engine = make_engine(stage.distributed, stage.precision, stage.grad_accum, stage.batch_size, stage.max_grad_norm)
     teachers = build_teachers(stage.teachers, where, engine.device)
     run = StageRun(stage, planned.output_dir, module, engine, source, tokenizer, teachers, where, resume, source_dir)
     position = train_stage(run)
 
-    target = write_output(planned, engine, module, tokenizer, source_dir, position)
+    target = write_output(planned, engine, module, tokenizer, source_dir, position, encoder_refs)
     engine.barrier()
     return target
 
 
-def write_output(planned: PlannedStage, engine, module: TrainModule, tokenizer, source_dir: Path, position) -> Path:
+def write_output(
+    planned: PlannedStage,
+    engine,
+    module: TrainModule,
+    tokenizer,
+    source_dir: Path,
+    position,
+    encoder_refs: list[dict[str, Any]] | None = None,
+) -> Path:
     """Gather the trained weights (every process calls this) and write the stage output on the main process."""
     stage = planned.stage
     state = engine.full_state_dict()
@@ -232,6 +249,9 @@ def write_output(planned: PlannedStage, engine, module: TrainModule, tokenizer, 
         return target
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     head_state = {k.removeprefix("synergy_heads."): v for k, v in state.items() if k.startswith("synergy_heads.")}
+    encoder_state = {
+        k.removeprefix("position_encoders."): v for k, v in state.items() if k.startswith("position_encoders.")
+    }
     trained = engine.unwrapped().model
     save_model = hf_model(trained)
     if stage.save == "lora_adapter":
@@ -255,11 +275,29 @@ def write_output(planned: PlannedStage, engine, module: TrainModule, tokenizer, 
         save_model,
         embeddings.merged_state(model_state),
         heads=head_state,
+        encoders=(encoder_refs or [], encoder_state),
         tokenizer=tokenizer,
         source_dir=source_dir,
         meta=meta,
         recipe=recipe,
     )
+
+
+def _encoders(
+    stage: Stage, where: str, model: nn.Module, source_dir: Path
+) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:
+    """The stage's position encoders (by default those saved with the model it starts from), attached to the
+    model, with saved weights where name and parameters match; and their refs for the output's moekit.json."""
+    from moekit.position import load_encoders, saved_refs
+
+    refs = stage.position_encoders
+    if refs is None:
+        refs = saved_refs(source_dir)
+        loc = f"{where}.from: {source_dir / 'moekit.json'}: position_encoders"
+    else:
+        refs = [{"name": r.name, "params": dict(r.params)} for r in refs]
+        loc = f"{where}.position_encoders"
+    return load_encoders(source_dir, hf_model(model), refs, where=loc), refs
 
 
 def _heads(stage: Stage, where: str, model: nn.Module, tokenizer: Any) -> dict[str, nn.Module]:

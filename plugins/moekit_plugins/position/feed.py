@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -102,6 +102,12 @@ class VisualEncoderBase(nn.Module):
             self._hook.remove()
             self._hook = None
 
+    def feed_batch(
+        self, geometry: Sequence[dict[str, torch.Tensor] | None], video_samples: Sequence[int]
+    ) -> AbstractContextManager[None]:
+        """Per-batch inputs from moekit's data layer (see moekit/position.py); this encoder needs none."""
+        return nullcontext()
+
 
 class GeometryEncoder(VisualEncoderBase):
     """A visual-token encoder fed with camera geometry: subclasses give `points` (pixels -> 3D) and `encode`."""
@@ -118,5 +124,25 @@ class GeometryEncoder(VisualEncoderBase):
         """`with encoder.inputs(videos=[geometry, None]): model(**batch)`: one entry per item, in batch order."""
         return self.feed.inputs(images=images, videos=videos)
 
+    def feed_batch(
+        self, geometry: Sequence[dict[str, torch.Tensor] | None], video_samples: Sequence[int]
+    ) -> AbstractContextManager[None]:
+        """The geometry of each video of the batch (a student 3D scene has some, a plain video none)."""
+        videos = [batch_geometry(geometry[r], r) for r in video_samples]
+        if not any(v is not None for v in videos):
+            return nullcontext()
+        return self.inputs(videos=videos)
+
     def token_deltas(self, items: list[VisualItem]) -> list[torch.Tensor | None]:
         return self.feed.deltas(items)
+
+
+def batch_geometry(entry: dict[str, torch.Tensor] | None, sample: int) -> CameraGeometry | None:
+    """A data-layer geometry entry (depth in metres [F, H, W], intrinsics [3, 3] of the resized frames,
+    camera-to-world poses [F, 4, 4]) as a checked `CameraGeometry`; errors name the batch row."""
+    if entry is None:
+        return None
+    try:
+        return CameraGeometry(entry["depth"].float(), entry["intrinsics"].float(), entry["poses"].float())
+    except (KeyError, ValueError) as exc:
+        raise type(exc)(f"geometry of batch sample {sample}: {exc}") from None
