@@ -3,6 +3,7 @@ mergekit-moe on the same inputs. Not a test: run it by hand and record the numbe
 
     python bench/convert.py                       # 1.5B-class Qwen2, three FFN-only specialists
     python bench/convert.py --mergekit-bin /path/to/venv/bin/mergekit-moe
+    python bench/convert.py --repeats 3           # every candidate 3 times, interleaved; medians
 
 It writes a synthetic sharded checkpoint of a real model size (random bf16 weights from a real transformers
 config), runs every candidate as a subprocess, and reports wall time, throughput relative to `cp -r` of the
@@ -16,6 +17,7 @@ import argparse
 import json
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -134,6 +136,21 @@ def time_cp(src: Path, dst: Path) -> float:
     return run_measured(["cp", "-r", str(src), str(dst)])["seconds"]
 
 
+def medians(results: list[dict]) -> list[dict]:
+    """One row per (tool, layout): the median of each number over its repeats (`n` counts them)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["tool"], r["layout"]), []).append(r)
+    out = []
+    for (tool, layout), rows in groups.items():
+        row = {"tool": tool, "layout": layout, "n": len(rows)}
+        for key in rows[0]:
+            if key not in row:
+                row[key] = statistics.median(r[key] for r in rows)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/convert"))
@@ -147,6 +164,8 @@ def main() -> None:
     parser.add_argument(
         "--mergekit-bin", default=shutil.which("mergekit-moe"), help="mergekit-moe executable, if installed"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each moekit layout, interleaved (medians)")
+    parser.add_argument("--no-full", action="store_true", help="skip the every-layer-MoE moekit run")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -190,7 +209,8 @@ def main() -> None:
         )
         print(results[-1], flush=True)
 
-    for layout in dict.fromkeys([args.layout, "full"]):
+    layouts = list(dict.fromkeys([args.layout] + ([] if args.no_full else ["full"])))
+    for layout in [layout for _ in range(args.repeats) for layout in layouts]:
         out = work / f"moekit-{layout.replace(':', '')}"
         stats = run_measured(
             [
@@ -261,7 +281,7 @@ def main() -> None:
     print(f"goal: >= 0.6 of cp throughput; peak RssAnon <= {(1.5 * expert_bytes + 1e9) / 1e9:.2f} GB")
     print("| tool | layout | output GB | wall s | cp -r s | throughput vs cp | peak RssAnon GB | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in medians(results) if args.repeats > 1 else results:
         print(
             f"| {r['tool']} | {r['layout']} | {r['output_gb']:.2f} | {r['seconds']:.1f} | {r['cp_seconds']:.1f} | {r['vs_cp']:.2f} | {r['peak_anon_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
         )

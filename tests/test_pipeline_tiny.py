@@ -47,7 +47,8 @@ def test_pipeline_validates_before_its_inputs_exist_and_runs(smoke_run):
     root, validated, result = smoke_run
     assert validated.exit_code == 0, validated.output
     assert result.exit_code == 0, result.output
-    for stage in ("pretrain", "stage1_1", "stage1_2_image", "stage1_2_video", "stage1_2_3d", "stage2_1", "stage2_2"):
+    stages = ("pretrain", "stage1_1", "stage1_2_image", "stage1_2_video", "stage1_2_3d", "dense_control", "stage2_1")
+    for stage in (*stages, "stage2_2"):
         assert f"wrote runs/polyv-tiny/{stage}/model" in result.output
         assert (root / "runs" / "polyv-tiny" / stage / "model" / "moekit.json").is_file()
 
@@ -66,6 +67,11 @@ def test_specialists_are_ffn_only_and_the_final_model_is_a_polyv_moe(smoke_run):
 
     dense_rows = load_any(runs / "stage1_1" / "model").get_input_embeddings().num_embeddings
     assert final.get_input_embeddings().num_embeddings == dense_rows + 4  # the four <synergy_i> rows of stage 2-1
+    # PolyV's 3D position encoding: added in stage 1-1, carried through the upcycle to the final model
+    for stage in ("stage1_1", "dense_control", "stage2_1", "stage2_2"):
+        record = json.loads((runs / stage / "model" / "moekit.json").read_text())
+        assert [e["name"] for e in record["position_encoders"]] == ["polyv_3d"], stage
+    assert "position_encoders" not in json.loads((runs / "pretrain" / "model" / "moekit.json").read_text())
 
 
 def test_report_has_curves_routing_parameters_and_accuracy(smoke_run):
@@ -74,8 +80,9 @@ def test_report_has_curves_routing_parameters_and_accuracy(smoke_run):
     for png in ("loss_curves.png", "accuracy.png", "routes/routes_by_modality.png", "routes/routes_by_dataset.png"):
         assert (report / png).stat().st_size > 5_000, png
     data = json.loads((report / "report.json").read_text())
-    assert list(data["accuracy"]) == ["base", "pretrain", "stage1_1", "stage2_2"]
-    assert set(data["accuracy"]["base"]["per_task"]) == {"colour", "count", "background", "motion", "nearer"}
+    assert list(data["accuracy"]) == ["base", "pretrain", "stage1_1", "dense_control", "stage2_2"]
+    tasks = {"colour", "count", "background", "motion", "nearer", "scene_count"}
+    assert set(data["accuracy"]["base"]["per_task"]) == tasks
     assert set(data["routes"]) == {"image", "video", "3d"}
     for row in data["routes"].values():
         assert len(row["expert_share"]) == 4 and abs(sum(row["expert_share"]) - 1) < 1e-6

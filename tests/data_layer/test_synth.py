@@ -2,7 +2,7 @@ import hashlib
 import json
 
 from moekit.data.schema import parse_sample, read_records
-from moekit.data.synth.vocab import vocabulary, words_of
+from moekit.data.synth.vocab import NUMBERS, vocabulary, words_of
 from moekit.data.synth.writer import SynthSpec, write_synth
 
 from .conftest import SMALL
@@ -17,7 +17,7 @@ FILES = {
     "stage2_2_csqa.jsonl": 7,
     "teach_video.jsonl": 4,
     "teach_scene.jsonl": 3,
-    "eval.jsonl": 10,
+    "eval.jsonl": 12,
 }
 
 
@@ -54,9 +54,12 @@ def test_structure_and_schema(synth_dir):
 
 def test_eval_questions_are_checkable(synth_dir):
     samples = [parse_sample(r) for r in read_records(synth_dir / "eval.jsonl")]
-    assert sorted({s.task for s in samples}) == ["background", "colour", "count", "motion", "nearer"]
+    assert sorted({s.task for s in samples}) == ["background", "colour", "count", "motion", "nearer", "scene_count"]
     for s in samples:
         assert s.conversations[-1].value in s.choices and len(set(s.choices)) == len(s.choices) >= 2
+        if s.task == "scene_count":  # a multi-view scene with its geometry, counted from its scene graph
+            graph = json.loads((synth_dir / s.scene / "scene_graph.json").read_text())
+            assert s.conversations[-1].value == NUMBERS[len(graph["objects"])]
 
 
 def test_pretrain_captions_describe_every_training_sample(synth_dir):

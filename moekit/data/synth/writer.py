@@ -13,7 +13,9 @@ Files (JSONL in the LLaVA-style schema of `moekit.data.schema`, media under `med
     teach_video.jsonl        ids + videos of the pairs, for `moekit teach` (the cache is read by these ids)
     teach_scene.jsonl        ids + scene views of the pairs, likewise
     stage2_2_csqa.jsonl      cross-vision QA: image + video or image + scene, questions from paired graphs
-    eval.jsonl               held-out multiple-choice questions (colour, count, background, motion, nearer) with `choices`
+    eval.jsonl               held-out multiple-choice questions with `choices`: colour, count, background (images),
+                             motion (videos), nearer (a view of a 3D scene), scene_count (a multi-view 3D scene
+                             with depth and poses, fed as a video)
     synth.json               the spec, the files, sample counts and the moekit version
 """
 
@@ -43,7 +45,7 @@ from moekit.data.synth.questions import (
 from moekit.data.synth.vocab import TEMPLATES
 from moekit.io.atomic import atomic_dir
 
-EVAL_TASKS = ("colour", "count", "background", "motion", "nearer")
+EVAL_TASKS = ("colour", "count", "background", "motion", "nearer", "scene_count")
 
 
 class SynthSpec(StrictModel):
@@ -262,6 +264,10 @@ def _eval(w: _Writer, rng: np.random.Generator) -> None:
             frames, graph = draw2d.clip(rng, spec.frames, w.size)
             media, prefix = {"video": w.video(f"media/eval/{sid}", frames)}, "<video>\n"
             qa = video_questions(graph)[0]
+        elif kind == "scene_count":
+            rel, scene = w.scene(f"media/eval/{sid}", rng)
+            qa = next(q for q in scene_questions(scene["graph"], rng) if q.task == kind)
+            media, prefix = {"scene": rel}, "<video>\n"
         else:
             _, scene = w.scene(f"media/eval/{sid}-scene", rng, count=3)
             image, view = w.view(f"media/eval/{sid}.png", scene, rng)
