@@ -128,3 +128,30 @@ def test_flash_attention_falls_back_to_sdpa_with_the_extra_named(qwen_moe_dir):
         model = moekit.load(path, attn_implementation="flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
+
+
+FRESH = """
+import sys, torch, transformers
+import moekit
+path, out, auto_name, kind = sys.argv[1:]
+auto = getattr(transformers, auto_name)
+model = auto.from_pretrained(path) if kind == "pretrained" else auto.from_config(transformers.AutoConfig.from_pretrained(path))
+torch.save({"type": type(model).__name__, "blocks": len(model.moe_blocks()), "state": model.state_dict()}, out)
+"""
+
+
+@pytest.mark.parametrize(("family", "kind"), [("qwen2_5_vl", "pretrained"), ("llama", "config")])
+def test_auto_classes_work_right_after_import_in_a_fresh_process(family, kind, tmp_path):
+    """`import moekit` alone (no model built in that process yet) makes the Auto classes know the checkpoint."""
+    moe = moekit.upcycle(tiny_model(family), moekit.UpcycleSpec(layers="full", num_experts=2, top_k=1))
+    moe.save_pretrained(tmp_path / "ckpt")
+    auto = "AutoModelForImageTextToText" if family in VLM_FAMILIES else "AutoModelForCausalLM"
+    out = tmp_path / "loaded.pt"
+    args = [sys.executable, "-c", FRESH, str(tmp_path / "ckpt"), str(out), auto, kind]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = torch.load(out, weights_only=True)
+    assert got["type"] == type(moe).__name__ and got["blocks"] == len(moe.moe_blocks())
+    if kind == "pretrained":
+        for key, value in moe.state_dict().items():
+            assert torch.equal(got["state"][key], value), key
