@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import moekit
 
@@ -98,6 +99,36 @@ def test_ddp_and_fsdp2_on_two_processes_match_one_process(tmp_path, tiny_base):
     assert_same_weights(*(moekit.load(tmp_path / d / "moe" / "model") for d in ("two", "one")))
     checkpoint = tmp_path / "two" / "moe" / "checkpoints" / "step-00000002"
     assert {p.name for p in checkpoint.iterdir()} >= {"state", "trainer.pt", "trainer_state.json"}
+
+
+def test_ddp_with_a_learned_position_encoder_that_one_process_never_uses(tmp_path, tiny_base):
+    """Process 0 gets text, process 1 a video: only one uses the temporal table, yet DDP neither hangs nor drifts
+    (the trainer touches every trainable parameter) and the result equals one process with the whole batch."""
+    data = {"kinds": ["text", "video"], "num_samples": 8}
+    encoders = [{"name": "temporal_frame", "params": {"mode": "learned", "init": "normal", "max_frames": 4}}]
+    spec = stage(
+        "pe",
+        trainable=["position_encoders", "projector"],
+        position_encoders=encoders,
+        steps=2,
+        optimizer={"lr": 1e-2, "eps": 1e-3},
+        data_params=data,
+        distributed={"mode": "ddp"},
+    )
+    recipe = write_recipe(tmp_path, tiny_base, [spec], out="two")
+    torchrun("run", str(recipe))
+    run(recipe, "output_dir=" + str(tmp_path / "one"), "stages[0].batch_size=2", "stages[0].distributed.mode=single")
+    compare_runs(tmp_path / "two", tmp_path / "one", ["pe"])
+    tables = [
+        load_file(str(tmp_path / d / "pe" / "model" / "position_encoders.safetensors"))["temporal_frame.table.weight"]
+        for d in ("two", "one")
+    ]
+    torch.testing.assert_close(tables[0], tables[1], atol=1e-5, rtol=1e-4)
+    frozen = ["output_dir=" + str(tmp_path / "frozen"), "stages[0].trainable=[projector]"]
+    run(recipe, *frozen, "stages[0].batch_size=2", "stages[0].distributed.mode=single")
+    start = load_file(str(tmp_path / "frozen" / "pe" / "model" / "position_encoders.safetensors"))
+    moved = (tables[0] - start["temporal_frame.table.weight"]).abs().amax(-1)
+    assert moved[0] > 1e-4 and (moved[2:] == 0).all()  # the video's frame rows trained, the unused ones did not
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
