@@ -73,31 +73,36 @@ def load_encoders(
     saved = saved_refs(model_dir)
     refs = saved if refs is None else [dict(zip(("name", "params"), _name_params(r))) for r in refs]
     encoders = build_encoders(refs, model, where or f"{model_dir / META_FILE}: {META_KEY}")
-    file = model_dir / FILE
     same = [r["name"] for r in refs if r in saved and encoders[r["name"]].state_dict()]
-    if not same:
-        return encoders
+    try:
+        _load_weights(model_dir, {name: encoders[name] for name in same})
+    except (OSError, KeyError):
+        for encoder in encoders.values():  # leave the model as it was
+            encoder.remove()
+        raise
+    return encoders
+
+
+def _load_weights(model_dir: Path, encoders: Mapping[str, nn.Module]) -> None:
+    if not encoders:
+        return
+    file = model_dir / FILE
     if not file.is_file():
         raise FileNotFoundError(
-            f"{model_dir / META_FILE} lists position encoders with weights ({', '.join(same)}) but {file} is missing"
+            f"{model_dir / META_FILE} lists position encoders with weights ({', '.join(encoders)}) but {file} is "
+            "missing"
         )
     state = load_file(str(file))
-    for name in same:
+    for name, encoder in encoders.items():
         own = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
-        wanted = set(encoders[name].state_dict())
+        wanted = set(encoder.state_dict())
         if set(own) != wanted:
             missing, unexpected = sorted(wanted - set(own)), sorted(set(own) - wanted)
             raise KeyError(
                 f"{file}: the weights of position encoder {name!r} do not fit it: missing {missing}, "
                 f"unexpected {unexpected}"
             )
-        encoders[name].load_state_dict(own)
-    return encoders
-
-
-def encoder_state(encoders: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """`<name>.<parameter>` tensors of every encoder (empty for weightless ones such as sinusoids)."""
-    return {f"{name}.{k}": v for name, enc in encoders.items() for k, v in enc.state_dict().items()}
+        encoder.load_state_dict(own)
 
 
 def save_encoders(target: Path, refs: Sequence[Any], state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -117,11 +122,6 @@ def carry_encoders(source_dir: Path, target: Path, record: dict[str, Any]) -> bo
         shutil.copy2(source_dir / FILE, target / FILE)
     (target / META_FILE).write_text(json.dumps({"format": "full", **record, META_KEY: refs}, indent=2) + "\n")
     return True
-
-
-def remove_encoders(encoders: Mapping[str, nn.Module]) -> None:
-    for encoder in encoders.values():
-        encoder.remove()
 
 
 def video_samples(model: nn.Module, input_ids: torch.Tensor | None) -> list[int]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import moekit
@@ -177,11 +177,19 @@ def test_bad_encoders_are_refused(tmp_path, bundle, synth_dir):
     assert not (tmp_path / "rope" / "rope" / "model").exists() and not (tmp_path / "unknown").exists()
 
 
-def test_saved_weights_must_be_present(tmp_path, bundle):
+def test_saved_weights_must_be_present_and_fit(tmp_path, bundle):
+    from moekit.arch import visual_site
+
     model = load_model(bundle, where="t")
+    hooks = visual_site(model)[1].__dict__.setdefault("_moekit_visual_fns", [])
     (tmp_path / "moekit.json").write_text(json.dumps({"format": "full", "position_encoders": [LEARNED]}))
     with pytest.raises(FileNotFoundError, match=r"temporal_frame.*position_encoders.safetensors is missing"):
         load_encoders(tmp_path, model)
+    assert hooks == []  # a failed load leaves the model unhooked
+    save_file({"temporal_frame.tabel.weight": torch.zeros(8, 4)}, str(tmp_path / "position_encoders.safetensors"))
+    with pytest.raises(KeyError, match=r"missing \['table.weight'\], unexpected \['tabel.weight'\]"):
+        load_encoders(tmp_path, model)
+    assert hooks == []
 
 
 def test_geometry_without_a_video_is_an_error(bundle):
