@@ -78,9 +78,14 @@ def describe(stage: Stage) -> dict[str, str]:
     sched = stage.schedule
     warm = f"{sched.warmup_steps} steps" if sched.warmup_steps is not None else f"{sched.warmup_ratio or 0:g}"
     optim = f"lr {stage.optimizer.lr:g}, wd {stage.optimizer.weight_decay:g}, {sched.kind}, warm-up {warm}"
+    if stage.position_encoders is None:
+        encoders = "(inherited)"
+    else:
+        encoders = ", ".join(e.name for e in stage.position_encoders) or "none"
     return {
         "stage": stage.name,
         "from": origin,
+        "encoders": encoders,
         "trains": trains,
         "length": length,
         "optimizer": optim,
