@@ -29,14 +29,25 @@ META_KEY = "position_encoders"
 META_FILE = "moekit.json"
 
 
-def build_encoders(refs: Sequence[Any], model: nn.Module, where: str) -> dict[str, nn.Module]:
-    """Encoders named by `refs` (objects or dicts with `name` and `params`), attached to `model` (a transformers
-    model, not a peft or distributed wrapper); errors name `where[i]`."""
+def as_refs(refs: Sequence[Any]) -> list[dict[str, Any]]:
+    """`[{name, params}]`, the form `moekit.json` keeps, from recipe refs (objects) or dicts."""
+    out = []
+    for ref in refs:
+        if isinstance(ref, Mapping):
+            out.append({"name": ref["name"], "params": dict(ref.get("params") or {})})
+        else:
+            out.append({"name": ref.name, "params": dict(ref.params)})
+    return out
+
+
+def build_encoders(refs: Sequence[dict[str, Any]], model: nn.Module, where: str) -> dict[str, nn.Module]:
+    """Encoders named by `refs` (`as_refs` form), attached to `model` (a transformers model, not a peft or
+    distributed wrapper); errors name `where[i]`."""
     from moekit.registry import registry
 
     encoders: dict[str, nn.Module] = {}
     for index, ref in enumerate(refs):
-        name, params = _name_params(ref)
+        name, params = ref["name"], ref["params"]
         loc = f"{where}[{index}]"
         if name in encoders:
             raise ValueError(f"{loc}: position encoder {name!r} is listed twice")
@@ -61,7 +72,7 @@ def saved_refs(model_dir: str | Path) -> list[dict[str, Any]]:
     refs = json.loads(file.read_text()).get(META_KEY) or []
     if not isinstance(refs, list) or not all(isinstance(r, dict) and "name" in r for r in refs):
         raise ValueError(f"{file}: {META_KEY} must be a list of {{name, params}}, got {refs!r}")
-    return [{"name": r["name"], "params": r.get("params") or {}} for r in refs]
+    return as_refs(refs)
 
 
 def load_encoders(
@@ -71,7 +82,7 @@ def load_encoders(
     for every encoder whose name and parameters match a saved one."""
     model_dir = Path(model_dir)
     saved = saved_refs(model_dir)
-    refs = saved if refs is None else [dict(zip(("name", "params"), _name_params(r))) for r in refs]
+    refs = saved if refs is None else as_refs(refs)
     encoders = build_encoders(refs, model, where or f"{model_dir / META_FILE}: {META_KEY}")
     same = [r["name"] for r in refs if r in saved and encoders[r["name"]].state_dict()]
     try:
@@ -105,23 +116,21 @@ def _load_weights(model_dir: Path, encoders: Mapping[str, nn.Module]) -> None:
         encoder.load_state_dict(own)
 
 
-def save_encoders(target: Path, refs: Sequence[Any], state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Write the weights into `target` (a directory being written); return the refs for `moekit.json`."""
+def save_weights(target: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write the encoders' `<name>.<parameter>` weights into `target` (a directory being written), if any."""
     if state:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(target / FILE))
-    return [dict(zip(("name", "params"), _name_params(r))) for r in refs]
 
 
-def carry_encoders(source_dir: Path, target: Path, record: dict[str, Any]) -> bool:
-    """Give a checkpoint written from `source_dir` (e.g. by `moekit upcycle`) the encoders saved there: copy
-    their weights and write `moekit.json` (`record` plus the encoder list). False when there are none."""
+def carry_encoders(source_dir: Path, target: Path, record: dict[str, Any]) -> None:
+    """Give a checkpoint written from `source_dir` (e.g. by `moekit upcycle`) the encoders saved there, if any:
+    copy their weights and write `moekit.json` (`record` plus the encoder list)."""
     refs = saved_refs(source_dir)
     if not refs:
-        return False
+        return
     if (source_dir / FILE).is_file():
         shutil.copy2(source_dir / FILE, target / FILE)
     (target / META_FILE).write_text(json.dumps({"format": "full", **record, META_KEY: refs}, indent=2) + "\n")
-    return True
 
 
 def video_samples(model: nn.Module, input_ids: torch.Tensor | None) -> list[int]:
@@ -160,9 +169,3 @@ def feeding(
         for encoder in encoders.values():
             stack.enter_context(encoder.feed_batch(geometry, videos))
         yield
-
-
-def _name_params(ref: Any) -> tuple[str, dict[str, Any]]:
-    if isinstance(ref, Mapping):
-        return ref["name"], dict(ref.get("params") or {})
-    return ref.name, dict(ref.params)

@@ -25,7 +25,7 @@ from torch import nn
 from moekit.arch import ArchAdapter, ffn_state_keys, resolve_arch
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
-from moekit.position import META_KEY, save_encoders
+from moekit.position import META_KEY, save_weights
 
 FORMATS = ("full", "ffn_only", "lora_adapter")
 NOT_COPIED = {"config.json", "generation_config.json", "moekit.json", "recipe.yaml", "model.safetensors.index.json"}
@@ -152,7 +152,8 @@ def save_output(
                 save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "synergy_heads.safetensors"))
             refs, encoder_state = encoders
             if refs:
-                meta = {**meta, META_KEY: save_encoders(tmp, refs, encoder_state)}
+                save_weights(tmp, encoder_state)
+                meta = {**meta, META_KEY: refs}
             copy_side_files(source_dir, tmp, NOT_COPIED)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

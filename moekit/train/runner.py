@@ -288,14 +288,13 @@ def _encoders(
 ) -> tuple[dict[str, nn.Module], list[dict[str, Any]]]:
     """The stage's position encoders (by default those saved with the model it starts from), attached to the
     model, with saved weights where name and parameters match; and their refs for the output's moekit.json."""
-    from moekit.position import load_encoders, saved_refs
+    from moekit.position import META_FILE, META_KEY, as_refs, load_encoders, saved_refs
 
-    refs = stage.position_encoders
-    if refs is None:
+    if stage.position_encoders is None:
         refs = saved_refs(source_dir)
-        loc = f"{where}.from: {source_dir / 'moekit.json'}: position_encoders"
+        loc = f"{where}.from: {source_dir / META_FILE}: {META_KEY}"
     else:
-        refs = [{"name": r.name, "params": dict(r.params)} for r in refs]
+        refs = as_refs(stage.position_encoders)
         loc = f"{where}.position_encoders"
     return load_encoders(source_dir, hf_model(model), refs, where=loc), refs
 
