@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import moekit
-from moekit.moe import MoeBlock, MoeContext
-from moekit.moe.experts import ExpertsSettings
 from moekit.tiny import tiny_inputs, tiny_model
+
+from .test_moe_runtime import seeded_block
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,21 +16,8 @@ pytestmark = [
 ]
 
 
-def _block(impl: str, dtype: torch.dtype) -> MoeBlock:
-    torch.manual_seed(0)
-    block = MoeBlock(
-        MoeContext(settings=ExpertsSettings(impl)),
-        hidden_size=256,
-        intermediate_size=512,
-        num_experts=4,
-        top_k=2,
-        act=nn.SiLU(),
-        gated=True,
-        biased=False,
-    )
-    for p in block.parameters():
-        nn.init.normal_(p, std=0.05)
-    return block.to("cuda", dtype)
+def _block(impl: str, dtype: torch.dtype) -> nn.Module:
+    return seeded_block(impl, hidden=256, intermediate=512, std=0.05, seed=0).to("cuda", dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

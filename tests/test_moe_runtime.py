@@ -69,23 +69,30 @@ def test_experts_match_per_token_reference(gated, biased, impl):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def seeded_block(impl: str, *, hidden: int, intermediate: int, std: float, seed: int) -> MoeBlock:
+    """A gated 4-expert top-2 block under experts implementation `impl`, every parameter ~ N(0, std) from `seed`
+    (the same weights whatever `impl`)."""
+    torch.manual_seed(seed)
+    block = MoeBlock(
+        MoeContext(settings=ExpertsSettings(impl)),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_experts=4,
+        top_k=2,
+        act=nn.SiLU(),
+        gated=True,
+        biased=False,
+    )
+    for p in block.parameters():
+        nn.init.normal_(p, std=std)
+    return block
+
+
 def test_grouped_mm_gradients_match_eager():
     torch.manual_seed(2)
     grads = {}
     for impl in ("eager", "grouped_mm"):
-        torch.manual_seed(2)
-        block = MoeBlock(
-            MoeContext(settings=ExpertsSettings(impl)),
-            hidden_size=16,
-            intermediate_size=32,
-            num_experts=4,
-            top_k=2,
-            act=nn.SiLU(),
-            gated=True,
-            biased=False,
-        )
-        for p in block.parameters():
-            nn.init.normal_(p, std=0.3)
+        block = seeded_block(impl, hidden=16, intermediate=32, std=0.3, seed=2)
         x = torch.randn(2, 9, 16, requires_grad=True)
         (block(x) * torch.linspace(0, 1, 16)).sum().backward()
         grads[impl] = [x.grad] + [p.grad for p in block.parameters()]
@@ -189,19 +196,7 @@ def test_default_block_takes_broadcast_gradients_and_matches_batched_mm():
     """`out.sum().backward()` (a stride-0 gradient) works on CPU by default, with batched_mm's gradients."""
     grads = {}
     for impl in ("auto", "batched_mm"):
-        torch.manual_seed(4)
-        block = MoeBlock(
-            MoeContext(settings=ExpertsSettings(impl)),
-            hidden_size=8,
-            intermediate_size=12,
-            num_experts=4,
-            top_k=2,
-            act=nn.SiLU(),
-            gated=True,
-            biased=False,
-        )
-        for p in block.parameters():
-            nn.init.normal_(p, std=0.3)
+        block = seeded_block(impl, hidden=8, intermediate=12, std=0.3, seed=4)
         x = torch.randn(3, 5, 8, requires_grad=True)
         block(x).sum().backward()
         grads[impl] = [x.grad] + [p.grad for p in block.parameters()]
