@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 
 import moekit  # noqa: E402  (registers the moekit model classes)
-from moekit.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
+from moekit.demo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
 
 from .plugin_env import example_plugin, plugin_site  # noqa: E402, F401  (plug-in install fixtures)
 

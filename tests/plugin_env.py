@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from moekit import registry
+import moekit.plugins.registry as registry
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "third_party_plugin"
 

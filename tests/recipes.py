@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
+from moekit.pipeline import run_plan
+from moekit.plugins.registry import registry
 from moekit.recipe import load_plan
-from moekit.train import run_plan
 from moekit.train.logger import read_metrics
 
 TINY = {"kinds": ["text", "image"], "num_samples": 16}
@@ -42,3 +43,8 @@ def run(path: Path, *overrides: str, resume: bool = False, **kwargs: Any) -> lis
 
 def losses(stage_dir: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in read_metrics(stage_dir / "logs" / "metrics.jsonl")]
+
+
+def tiny_source(request):
+    """The built-in `tiny` batch source for `request`'s stage (its data_params), as the trainer builds it."""
+    return registry().build("batch_source", "tiny", request.stage.data_params, request=request)

@@ -5,9 +5,13 @@ import sys
 
 import torch
 
+from moekit.pipeline import run_plan
+from moekit.plugins.registry import registry
 from moekit.recipe import load_plan
-from moekit.train import run_plan
-from moekit.train.sources import tiny_source
+
+
+def tiny_source(request):
+    return registry().build("batch_source", "tiny", request.stage.data_params, request=request)
 
 
 def crash_after(micro_batches: int):

@@ -6,11 +6,11 @@ import pytest
 from typer.testing import CliRunner
 
 import moekit
-from moekit.accounting import account
 from moekit.arch import resolve_arch
 from moekit.cli.app import app
+from moekit.demo.tiny import tiny_model
 from moekit.modeling.meta_model import meta_model, read_config
-from moekit.tiny import tiny_model
+from moekit.moe.accounting import account
 
 QWEN_7B = Path(__file__).parent / "fixtures" / "qwen2_5_vl_7b_config.json"
 

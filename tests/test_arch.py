@@ -6,7 +6,7 @@ from torch import nn
 
 import moekit
 from moekit.arch import ArchError, resolve_arch
-from moekit.tiny import FAMILIES, IMAGE_ID, VIDEO_FAMILIES, VIDEO_ID, tiny_model
+from moekit.demo.tiny import FAMILIES, IMAGE_ID, VIDEO_FAMILIES, VIDEO_ID, tiny_model
 
 EXPECTED_LAYERS = {
     "idefics3": "model.text_model.layers",

@@ -5,8 +5,8 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli.app import app
-from moekit.data.bundle import write_tiny_vlm
-from moekit.data.synth.writer import SynthSpec, write_synth
+from moekit.demo.bundle import write_tiny_vlm
+from moekit.demo.synth.writer import SynthSpec, write_synth
 
 
 def test_calibrate_router_sets_modality_rows_and_keeps_the_rest(tmp_path):
@@ -49,6 +49,6 @@ def test_calibrate_router_sets_modality_rows_and_keeps_the_rest(tmp_path):
     assert torch.allclose(after[:2].norm(dim=1), torch.tensor([5.0, 5.0]), atol=1e-4)
     assert torch.equal(after[2], before[2])  # "base" has no modality: its row stays
     assert model.config.moekit["router_calibration"] == {"scale": 5.0, "experts": ["image", "video"]}
-    assert (tmp_path / "moe" / "tokenizer.json").is_file() and (tmp_path / "moe" / "moekit.yaml").is_file()
+    assert (tmp_path / "moe" / "tokenizer.json").is_file() and (tmp_path / "moe" / "moekit.json").is_file()
     result = runner.invoke(app, ["calibrate-router", str(tmp_path / "moe"), "--data", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "no such file" in result.output

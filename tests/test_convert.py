@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli.app import app
-from moekit.io.convert import convert
+from moekit.demo.tiny import FAMILIES, tiny_model, write_tiny_checkpoint
 from moekit.io.reader import CheckpointError
-from moekit.tiny import FAMILIES, tiny_model, write_tiny_checkpoint
+from moekit.upcycle.convert import convert
 
 from .conftest import VLM_FAMILIES, family_inputs, logits
 
@@ -67,16 +67,17 @@ def test_output_folder_contents_and_provenance(tmp_path):
         "generation_config.json",
         "tokenizer_config.json",
         "chat_template.jinja",
-        "moekit.yaml",
+        "moekit.json",
         "model.safetensors.index.json",
     } <= set(names)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == report.bytes_written
-    record = yaml.safe_load((out / "moekit.yaml").read_text())
+    record = json.loads((out / "moekit.json").read_text())
+    assert record["made_by"] == "moekit upcycle" and record["moekit_version"] == moekit.__version__
     assert record["spec"]["experts"][1]["reinit_ratio"] == 0.25 and record["moe_layers"] == [0, 2]
     assert record["sources"]["image"]["kind"] == "ffn_only" and len(record["sources"]["base"]["fingerprint"]) == 16
     meta = json.loads((out / "config.json").read_text())["moekit"]
-    assert meta["sources"] == record["sources"] and meta["version"] == moekit.__version__
+    assert meta["sources"] == record["sources"] and meta["moekit_version"] == moekit.__version__
     assert not list(tmp_path.glob(".moe.*"))
 
 

@@ -4,14 +4,14 @@ and the per-sample teacher entries turned into padded features for the synergy h
 import pytest
 import torch
 
+from moekit.attach.teachers.batch import per_sample_teacher
 from moekit.data import iter_batches
-from moekit.data.bundle import write_tiny_vlm
-from moekit.data.synth.writer import SynthSpec, write_synth
+from moekit.demo.bundle import write_tiny_vlm
+from moekit.demo.synth.writer import SynthSpec, write_synth
 from moekit.modeling.load import load_any
+from moekit.plugins.registry import registry
 from moekit.recipe.schema import Stage
-from moekit.registry import registry
 from moekit.train.sources import BatchRequest
-from moekit.train.teachers import per_sample_teacher
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,16 @@ def tiny_inputs(tmp_path_factory):
 def _request(root, stage, rank=0, world=1, start=0, batch=2):
     model = load_any(root / "base")
     return BatchRequest(
-        stage, model, None, batch, rank=rank, world_size=world, epoch=0, start=start, model_dir=root / "base"
+        stage,
+        model,
+        None,
+        batch,
+        rank=rank,
+        world_size=world,
+        epoch=0,
+        start=start,
+        model_dir=root / "base",
+        synergy_tokens=["<synergy>"],  # what a synergy head reading one repeated token would declare
     )
 
 
@@ -83,7 +92,7 @@ def test_teacher_features_are_padded_with_masks_and_cache_wins(tmp_path):
     samples = [{"video": {"frames": frames}}, None, {"video": {"frames": frames}, "features": {"vjepa2": cached}}]
     out = per_sample_teacher(samples, {"video": teacher})
     live = teacher.features(
-        __import__("moekit.teachers.interface", fromlist=["TeacherBatch"]).TeacherBatch(frames=frames[None])
+        __import__("moekit.attach.teachers.interface", fromlist=["TeacherBatch"]).TeacherBatch(frames=frames[None])
     ).features[0]
     assert out["temporal"].shape == (3, live.shape[0], teacher.dim)
     torch.testing.assert_close(out["temporal"][0], live)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli.app import app
-from moekit.io.export import ExportError, export_native, sparse_layout
-from moekit.tiny import tiny_model
+from moekit.demo.tiny import tiny_model
+from moekit.upcycle.export import ExportError, export_native, sparse_layout
 
 from .conftest import family_inputs, logits
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import moekit
-from moekit.tiny import tiny_inputs, tiny_model
+from moekit.demo.tiny import tiny_inputs, tiny_model
 
 from .test_moe_runtime import seeded_block
 

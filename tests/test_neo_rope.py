@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from moekit import registry
+import moekit.plugins.registry as registry
 from moekit.config import ConfigError
 from moekit_plugins.position import NativeRope
 

@@ -4,7 +4,7 @@ import peft
 import torch
 
 import moekit
-from moekit.tiny import tiny_inputs, tiny_model
+from moekit.demo.tiny import tiny_inputs, tiny_model
 
 from .conftest import logits
 

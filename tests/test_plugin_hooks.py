@@ -8,7 +8,7 @@ import transformers
 import moekit
 from moekit.arch import ArchError, resolve_arch
 from moekit.config import ConfigError, parse_config
-from moekit.tiny import _TEXT, tiny_inputs, tiny_model
+from moekit.demo.tiny import _TEXT, tiny_inputs, tiny_model
 
 from .conftest import logits
 
@@ -29,7 +29,7 @@ def test_hook_moekit_position_encoders(example_plugin):
     before = model(**batch, output_hidden_states=True).hidden_states[0]
     encoder = example_plugin.build("position_encoder", "example_visual_offset", {"value": 0.25}, model=model)
     after = model(**batch, output_hidden_states=True).hidden_states[0]
-    image = batch["input_ids"][0] == moekit.tiny.IMAGE_ID
+    image = batch["input_ids"][0] == moekit.demo.tiny.IMAGE_ID
     torch.testing.assert_close(after[0, image] - before[0, image], torch.full((4, 32), 0.25))
     assert torch.equal(after[0, ~image], before[0, ~image])
     encoder.remove()
@@ -56,7 +56,7 @@ def _olmo2():
 
 
 def test_hook_moekit_arch_adapters(plugin_site, monkeypatch):
-    from moekit import registry
+    import moekit.plugins.registry as registry
 
     with pytest.raises(ArchError, match="model type 'olmo2'.*is not a family moekit knows"):
         resolve_arch(_olmo2())
@@ -126,7 +126,7 @@ def test_a_bad_expert_initialiser_is_named_before_the_model_is_half_built(exampl
         return lambda tensors, **_: {**tensors, "down": torch.zeros(3, 3)}
 
     monkeypatch.setattr(moekit_example_plugin, "damp", grow)
-    moekit.registry.reload()
+    moekit.plugins.registry.reload()
     model = tiny_model("qwen2_5_vl")
     spec = {"layers": [1], "experts": [{"name": "a", "init": "example_damp"}, {"name": "b"}], "top_k": 1}
     with pytest.raises(ValueError, match=r"experts\[0\].init \(example_damp\), layer 1: down has shape \(3, 3\)"):

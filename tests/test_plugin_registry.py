@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from moekit import Component, hookimpl, hooks, registry
 from moekit.cli.app import app
-from moekit.components import SynergyHeadRef
 from moekit.config import ConfigError, StrictModel, parse_config
+from moekit.plugins.refs import SynergyHeadRef
 
 from .plugin_env import EXAMPLE, fake_install
 
@@ -196,8 +196,8 @@ def test_moekit_plugins_lists_name_kind_package_version(example_plugin):
     assert rows[("olmo2", "arch_adapter")]["plugin"] == "example"
     table = CliRunner().invoke(app, ["plugins", "--kind", "synergy_head"], env={"COLUMNS": "160"})
     assert "polyv_synergy" in table.output and "example_cosine" in table.output and "polyv_3d" not in table.output
-    bad = CliRunner().invoke(app, ["plugins", "--kind", "teachers"])
-    assert bad.exit_code == 1 and "unknown kind 'teachers'; choose one of teacher" in bad.output
+    bad = CliRunner().invoke(app, ["plugins", "--kind", "teachers"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "'teachers' is not one of 'teacher', 'position_encoder'" in bad.output
 
 
 def _test_functions() -> set[str]:
@@ -211,7 +211,7 @@ def _test_functions() -> set[str]:
 def test_every_hook_has_a_test_and_a_docs_entry():
     """Datasette's rule: a hook without a `test_hook_<name>` test (or docs) fails the suite."""
     names = hooks.hook_names()
-    assert len(names) == 6
+    assert len(names) == 7
     tests = _test_functions()
     untested = [n for n in names if f"test_hook_{n}" not in tests]
     assert not untested, f"hooks without a test_hook_<name> test: {untested}"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moekit import registry
-from moekit.tiny import VIDEO_ID, tiny_inputs, tiny_model
+import moekit.plugins.registry as registry
+from moekit.demo.tiny import VIDEO_ID, tiny_inputs, tiny_model
 from moekit_plugins.position import CameraGeometry
 
 from .test_position_geometry import K, pose

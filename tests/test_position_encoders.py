@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import moekit
-from moekit import registry
+import moekit.plugins.registry as registry
 from moekit.arch import ArchError, TokenLayout, visual_site
-from moekit.tiny import IMAGE_ID, VIDEO_ID, tiny_inputs, tiny_model
+from moekit.demo.tiny import IMAGE_ID, VIDEO_ID, tiny_inputs, tiny_model
 from moekit_plugins.position import CameraGeometry, PolyV3DEncoder, TemporalFrameEncoder, VidLLMPatchEncoder
 from moekit_plugins.position.geometry import rigid_inverse, world_coords
 from moekit_plugins.position.sinusoid import sinusoid

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import moekit
-from moekit.tiny import FAMILIES, tiny_inputs, tiny_model
+from moekit.demo.tiny import FAMILIES, tiny_inputs, tiny_model
 
 from .conftest import VLM_FAMILIES, family_inputs, logits
 
@@ -32,7 +32,7 @@ def test_save_then_load_gives_the_same_logits(family, tmp_path):
     moe.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == f"moekit_{family}"
-    assert config["moekit"]["version"] == moekit.__version__
+    assert config["moekit"]["moekit_version"] == moekit.__version__
     assert config["moekit"]["spec"]["experts"][1]["reinit_ratio"] == 0.25
     assert config["moekit"]["layers"] == [1, 3]
     auto = AutoModelForImageTextToText if family in VLM_FAMILIES else AutoModelForCausalLM

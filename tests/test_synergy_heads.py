@@ -8,9 +8,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from moekit import registry
+import moekit.plugins.registry as registry
 from moekit.config import ConfigError
-from moekit.tiny import IMAGE_ID, VOCAB, tiny_inputs, tiny_model
+from moekit.demo.tiny import IMAGE_ID, VOCAB, tiny_inputs, tiny_model
 from moekit_plugins.synergy.cta import geometry_loss, language_loss, structure_loss
 from moekit_plugins.synergy.polyv import GeometricProjector
 from moekit_plugins.synergy.pooling import pool_tokens

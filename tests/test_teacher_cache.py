@@ -7,10 +7,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from moekit.attach.teachers import FeatureCache, TeacherBatch, build_cache, load_frames, read_samples
+from moekit.attach.teachers.samples import uniform_indices
 from moekit.cli.app import app
-from moekit.registry import registry
-from moekit.teachers import FeatureCache, TeacherBatch, build_cache, load_frames, read_samples
-from moekit.teachers.samples import uniform_indices
+from moekit.plugins.registry import registry
 from tests.teacher_helpers import TINY_VGGT_PARAMS, vggt_checkpoint, write_frames
 
 

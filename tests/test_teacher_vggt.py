@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from moekit.attach.teachers import TeacherBatch
 from moekit.config import ConfigError
-from moekit.registry import registry
-from moekit.teachers import TeacherBatch
+from moekit.plugins.registry import registry
 from moekit_plugins.teachers.vggt.checkpoint import load_aggregator
 from moekit_plugins.teachers.vggt.layers import Rope2D
 from tests.teacher_helpers import TINY_VGGT, TINY_VGGT_PARAMS, random_aggregator, vggt_checkpoint

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moekit.attach.teachers import TeacherBatch
 from moekit.config import ConfigError
-from moekit.registry import registry
-from moekit.teachers import TeacherBatch
+from moekit.plugins.registry import registry
 from moekit_plugins.teachers.common import IMAGENET_MEAN, pool
 from tests.teacher_helpers import vjepa2_checkpoint
 

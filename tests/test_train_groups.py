@@ -9,8 +9,8 @@ from torch import nn
 
 import moekit
 from moekit.arch.families import FAMILIES as ARCH
+from moekit.demo.tiny import tiny_model
 from moekit.recipe.schema import Group
-from moekit.tiny import tiny_model
 from moekit.train import embeddings
 from moekit.train.groups import select
 from moekit.train.module import TrainModule

@@ -6,22 +6,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import moekit.registry
+import moekit.plugins.registry
 from moekit.train.outputs import load_model
-from moekit.train.sources import tiny_source
 
 from . import toy_plugin
-from .recipes import losses, run, stage, write_recipe
+from .recipes import losses, run, stage, tiny_source, write_recipe
 
 NEW_TOKEN = 320  # the first row the toy head adds to the 320-token tiny vocabulary
 
 
 @pytest.fixture
 def toy_registry(monkeypatch):
-    point = metadata.EntryPoint(name="toy", value="tests.toy_plugin", group="moekit")
-    registry = moekit.registry.new_registry(entry_points=[point])
-    monkeypatch.setattr(moekit.registry, "registry", lambda: registry)
+    points = [
+        metadata.EntryPoint(name="toy", value="tests.toy_plugin", group="moekit"),
+        metadata.EntryPoint(name="sources", value="moekit_plugins.sources", group="moekit"),  # `tiny`
+    ]
+    registry = moekit.plugins.registry.new_registry(entry_points=points)
+    monkeypatch.setattr(moekit.plugins.registry, "registry", lambda: registry)
     toy_plugin.TEACHER_CALLS.clear()
+    toy_plugin.SOURCE_REQUESTS.clear()
     return registry
 
 
@@ -78,5 +81,23 @@ def test_unknown_components_and_bad_params_fail_before_any_model_loads(tmp_path,
         run(write_recipe(tmp_path, tiny_base, [spec]))
     text = str(info.value)
     assert "stages[0].losses.synergy[0].params.widht: unknown key" in text
-    assert "stages[0].teachers.scene: no teacher named 'vggt'; available: toy_teacher" in text
+    assert "stages[0].teachers.scene.name: no teacher named 'vggt'; available: toy_teacher" in text
     assert not (tmp_path / "runs").exists()
+
+
+def test_hook_moekit_batch_sources(tmp_path, tiny_base, toy_registry):
+    """A batch-source plug-in feeds a stage: `data_params` validated while the recipe is parsed (with the YAML
+    path), the source built with them and asked for each epoch, the loss trained on what it yields."""
+    bad = stage("c", trainable=["ffn"], data_source="constant", data_params={"batches": 0, "colour": 1})
+    with pytest.raises(ValueError) as info:
+        run(write_recipe(tmp_path, tiny_base, [bad], name="bad.yaml"))
+    text = str(info.value)
+    assert "stages[0].data_params.batches: Input should be greater than or equal to 1" in text
+    assert "stages[0].data_params.colour: unknown key" in text
+    unknown = stage("c", trainable=["ffn"], data_source="nowhere", data_params={})
+    with pytest.raises(ValueError, match="no batch_source named 'nowhere'; available: constant, tiny"):
+        run(write_recipe(tmp_path, tiny_base, [unknown], name="unknown.yaml"))
+    good = stage("c", trainable=["ffn"], data_source="constant", data_params={"batches": 2}, steps=3)
+    run(write_recipe(tmp_path, tiny_base, [good]))
+    assert toy_plugin.SOURCE_REQUESTS == [(0, 0, 1), (1, 0, 1)]  # epoch 0 (2 batches), then epoch 1
+    assert len(losses(tmp_path / "runs" / "c")) == 3

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moekit
+from moekit.demo.tiny import FAMILIES, tiny_inputs, tiny_model
 from moekit.moe import MoeBlock
-from moekit.tiny import FAMILIES, tiny_inputs, tiny_model
 
 from .conftest import family_inputs, logits
 

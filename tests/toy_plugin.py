@@ -66,3 +66,41 @@ def moekit_synergy_heads():
 @hookimpl
 def moekit_teachers():
     return [Component("toy_teacher", "teacher", TeacherParams, ToyTeacher)]
+
+
+class SourceParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    batches: int = pydantic.Field(3, ge=1)
+    token: int = 5
+
+
+SOURCE_REQUESTS: list[tuple[int, int, int]] = []  # (epoch, start, batch size) of each request, for the tests
+
+
+class ConstantBatches:
+    """`batches` micro-batches per epoch of `request.batch_size` copies of one short text sample."""
+
+    def __init__(self, params: SourceParams, request):
+        self.params, self.request = params, request
+        SOURCE_REQUESTS.append((request.epoch, request.start, request.batch_size))
+
+    def __len__(self) -> int:
+        return self.params.batches
+
+    def __iter__(self):
+        ids = torch.full((self.request.batch_size, 6), self.params.token)
+        ids[:, ::2] = 7
+        for _ in range(self.request.start, self.params.batches):
+            yield {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": ids.clone(),
+                "sample_ids": [f"c{i}" for i in range(ids.shape[0])],
+                "sample_modalities": ["text"] * ids.shape[0],
+                "teacher": None,
+            }
+
+
+@hookimpl
+def moekit_batch_sources():
+    return [Component("constant", "batch_source", SourceParams, ConstantBatches)]

@@ -8,14 +8,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moekit.arch.families import (
-    IMAGE_TOKEN_KEYS,
-    VIDEO_TOKEN_KEYS,
-    AutoKind,
-    VisualSite,
-    family_for,
-    known_families,
-)
+from moekit.arch.families import IMAGE_TOKEN_KEYS, VIDEO_TOKEN_KEYS
+from moekit.arch.lookup import family_for, known_families
+from moekit.config.record import ArchRecord, FfnRecord, MoeRecord
+from moekit.plugins.family import AutoKind, VisualSite
 
 FfnKind = Literal["gated", "fused", "plain"]
 
@@ -85,40 +81,34 @@ class ArchAdapter:
         return f"{self.layers}.{index}.{self.mlp}"
 
     @classmethod
-    def from_meta(cls, meta: dict) -> ArchAdapter:
+    def from_record(cls, record: MoeRecord) -> ArchAdapter:
         """The adapter recorded in a moekit model's `config.moekit`."""
-        arch = meta["arch"]
-        family = family_for(meta["base_model_type"])
+        arch = record.arch
+        family = family_for(record.base_model_type)
         return cls(
-            model_type=meta["base_model_type"],
-            layers=arch["layers"],
-            mlp=arch["mlp"],
-            ffn=FfnLayout(**arch["ffn"]),
-            auto=meta.get("auto", "image-text-to-text"),
-            num_layers=meta["num_layers"],
-            hidden_size=meta["hidden_size"],
-            intermediate_size=meta["intermediate_size"],
-            image_token_ids=tuple(arch.get("image_token_ids", ())),
-            video_token_ids=tuple(arch.get("video_token_ids", ())),
-            biased=meta["biased"],
+            model_type=record.base_model_type,
+            layers=arch.layers,
+            mlp=arch.mlp,
+            ffn=FfnLayout(**arch.ffn.model_dump()),
+            auto=record.auto,
+            num_layers=record.num_layers,
+            hidden_size=record.hidden_size,
+            intermediate_size=record.intermediate_size,
+            image_token_ids=tuple(arch.image_token_ids),
+            video_token_ids=tuple(arch.video_token_ids),
+            biased=record.biased,
             known=family is not None,
             visual=family.visual if family is not None else None,
         )
 
-    def to_dict(self) -> dict:
-        return {
-            "layers": self.layers,
-            "mlp": self.mlp,
-            "ffn": {
-                "kind": self.ffn.kind,
-                "gate": self.ffn.gate,
-                "up": self.ffn.up,
-                "down": self.ffn.down,
-                "act": self.ffn.act,
-            },
-            "image_token_ids": list(self.image_token_ids),
-            "video_token_ids": list(self.video_token_ids),
-        }
+    def to_record(self) -> ArchRecord:
+        return ArchRecord(
+            layers=self.layers,
+            mlp=self.mlp,
+            ffn=FfnRecord(kind=self.ffn.kind, gate=self.ffn.gate, up=self.ffn.up, down=self.ffn.down, act=self.ffn.act),
+            image_token_ids=list(self.image_token_ids),
+            video_token_ids=list(self.video_token_ids),
+        )
 
 
 def _token_ids(config, keys: tuple[str, ...]) -> tuple[int, ...]:
@@ -168,9 +158,9 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     Raises ArchError naming what was searched, what was found and how to pass the paths by hand.
     """
     config = model.config
-    meta = getattr(config, "moekit", None)
-    if isinstance(meta, dict) and override is None:
-        return ArchAdapter.from_meta(meta)
+    record = MoeRecord.of(config)
+    if record is not None and override is None:
+        return ArchAdapter.from_record(record)
     model_type = config.model_type
     family = family_for(model_type)
     if override is not None:

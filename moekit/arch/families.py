@@ -1,46 +1,9 @@
-"""Where each supported Hugging Face family keeps its decoder layers (the vision side is never listed)."""
+"""The table of families moekit knows: where each keeps its decoder layers, vision tower, projector and visual
+tokens, and its stock MoE twin. Data only; `moekit.arch.lookup` merges it with the families plug-ins add."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-AutoKind = Literal["image-text-to-text", "causal-lm"]
-
-
-VisualLayout = Literal["merged_patches", "pooled_frames"]
-
-
-@dataclass(frozen=True)
-class VisualSite:
-    """Where a family's visual tokens come out in LLM space, and how they map to the pixels the encoder saw.
-
-    `owner` is the module (relative to the top-level model; the model itself when absent) whose `image` /
-    `video` methods return those tokens (transformers' `get_image_features` / `get_video_features`, after the
-    vision tower and projector/merger). `layout` says which pixels a token covers (see moekit.arch.visual):
-    `merged_patches` (Qwen-VL: patch P, M x M spatial merge, T frames per temporal patch) or `pooled_frames`
-    (LLaVA-OneVision video: per-frame patch grid pooled 2x bilinearly, then one newline token per video).
-    """
-
-    layout: VisualLayout
-    owner: str = "model"
-    image: str | None = "get_image_features"
-    video: str | None = "get_video_features"
-
-
-@dataclass(frozen=True)
-class Family:
-    """Facts about one transformers `model_type`."""
-
-    layers: str  # dotted module path of the decoder's ModuleList
-    mlp: str = "mlp"  # attribute of each decoder layer holding the FFN
-    auto: AutoKind = "image-text-to-text"
-    video: bool = False  # whether the family takes video input
-    native_moe: str | None = None  # transformers' stock MoE twin, if any (see moekit export --native)
-    visual: VisualSite | None = None  # where visual tokens enter LLM space (position encoders), if known
-    vision: str | None = None  # module path of the vision tower (trainable group `vision_tower`)
-    projector: tuple[str, ...] = ()  # module/parameter paths of the vision-language projector (group `projector`)
-
+from moekit.plugins.family import Family, VisualSite
 
 _VLM = "model.language_model.layers"
 _QWEN = dict(video=True, vision="model.visual", projector=("model.visual.merger",), visual=VisualSite("merged_patches"))
@@ -79,19 +42,3 @@ FAMILIES: dict[str, Family] = {
 
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
 VIDEO_TOKEN_KEYS = ("video_token_id", "video_token_index")
-
-
-def family_for(model_type: str) -> Family | None:
-    """The built-in family, else one a plug-in adds through `moekit_arch_adapters`, else None."""
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    from moekit.registry import registry
-
-    return registry().families().get(model_type)
-
-
-def known_families() -> list[str]:
-    """Every model type moekit can resolve: the built-in table plus plug-in families."""
-    from moekit.registry import registry
-
-    return sorted({*FAMILIES, *registry().families()})

@@ -18,6 +18,7 @@ from moekit.cli import (
     tiny_vlm_cmd,
     upcycle_cmd,
 )
+from moekit.cli.errors import CommandGroup
 
 app = typer.Typer(
     name="moekit",
@@ -25,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CommandGroup,
 )
 
 app.command("run")(recipe_cmd.run)
@@ -45,7 +47,7 @@ app.command("plugins")(plugins_cmd.plugins)
 @app.command("version")
 def version() -> None:
     """Print moekit's version."""
-    from moekit import __version__
+    from moekit._version import __version__
 
     typer.echo(__version__)
 

@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def evaluate(
     model: Path = typer.Argument(..., help="model folder (dense or moekit MoE)"),
     data: Path = typer.Option(..., "--data", help="JSON/JSONL with multiple-choice samples (`choices`)"),
     out: Path = typer.Option(None, "-o", "--out", help="write the full report (per-sample scores) as JSON"),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="folder with the tokenizer (default: MODEL)"),
-    normalise: str = typer.Option("sum", help="rank by the answer's summed ('sum') or per-token ('mean') log-prob"),
+    normalise: Literal["sum", "mean"] = typer.Option(
+        "sum", help="rank by the answer's summed ('sum') or per-token ('mean') log-prob"
+    ),
 ) -> None:
     """Rank each sample's choices by the model's answer log-likelihood and report accuracy."""
     import torch
 
-    from moekit.data.evaluate import read_choice_samples, score_choices
-    from moekit.data.preprocess import Preprocessor
+    from moekit.evaluate.choices import read_choice_samples, score_choices
+    from moekit.evaluate.model_dir import open_model_dir
     from moekit.io.atomic import atomic_write_text
-    from moekit.modeling.load import load_any
-    from moekit.position import load_encoders
 
-    if normalise not in ("sum", "mean"):
-        raise ValueError(f"--normalise {normalise!r}: choose sum or mean")
     samples = read_choice_samples(data)
-    preprocessor = Preprocessor.from_dir(model, tokenizer)
-    loaded = load_any(model)
-    encoders = load_encoders(model, loaded)  # those saved with the checkpoint (moekit.json), if any
+    opened = open_model_dir(model, tokenizer)  # with the position encoders saved beside it, if any
     with torch.no_grad():  # not set_grad_enabled: the CLI also runs inside other programs (tests, notebooks)
-        report = score_choices(loaded, preprocessor, samples, data.parent, normalise=normalise, encoders=encoders)
+        report = score_choices(
+            opened.model, opened.preprocessor, samples, data.parent, normalise=normalise, encoders=opened.encoders
+        )
     typer.echo(
         f"accuracy {report['accuracy']:.3f} ({report['correct']}/{report['total']}, chance {report['chance']:.3f})"
     )

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def export(
     source: Path = typer.Argument(..., help="a moekit MoE checkpoint directory"),
     output: Path = typer.Argument(..., help="where to write the exported checkpoint"),
@@ -21,7 +18,7 @@ def export(
 ) -> None:
     """Export a moekit checkpoint. With --native: Qwen3-VL -> Qwen3-VL-MoE, Qwen3 -> Qwen3-MoE, Llama/Mistral ->
     Mixtral (every layer MoE), loadable by stock transformers, vLLM and SGLang."""
-    from moekit.io.export import export_native
+    from moekit.upcycle.export import export_native
 
     if not native:
         raise ValueError("choose an export format: --native (the only one so far)")

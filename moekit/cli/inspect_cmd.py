@@ -8,10 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def inspect(
     path: Path = typer.Argument(..., help="checkpoint directory or config.json (weights are never read)"),
     layers: str = typer.Option(None, "--layers", help="for a dense config: project this MoE layout, e.g. interval:4"),
@@ -20,25 +17,24 @@ def inspect(
     shared_expert: bool = typer.Option(False, "--shared-expert", help="add a shared expert for --layers"),
 ) -> None:
     """Show a model's layer map (dense / MoE) and its total vs activated parameters."""
-    from moekit.accounting import account, billions
     from moekit.arch import resolve_arch
+    from moekit.config.record import MoeRecord
     from moekit.modeling.meta_model import meta_model, read_config
+    from moekit.moe.accounting import account, billions
     from moekit.upcycle import UpcycleSpec, upcycle
 
     config = read_config(path)
     model = meta_model(config)
     kind = config.model_type
-    meta = getattr(config, "moekit", None)
+    record = MoeRecord.of(config)
     dense = None
-    if meta is None:
-        adapter = resolve_arch(model)
+    adapter = resolve_arch(model)
+    if record is None:
         dense = account(model, adapter.layers, adapter.mlp)
         if layers:
             spec = UpcycleSpec(layers=layers, num_experts=num_experts, top_k=top_k, shared_expert=shared_expert)
             model = upcycle(model, spec)
-            meta = model.config.moekit
-    else:
-        adapter = resolve_arch(model)
+            record = MoeRecord.of(model.config)
     result = account(model, adapter.layers, adapter.mlp)
     console = Console()
     console.print(
@@ -47,16 +43,15 @@ def inspect(
     console.print(
         "layer map: " + "".join("M" if r.kind == "moe" else "." for r in result.layers) + "   (M = MoE, . = dense)"
     )
-    if meta is not None:
-        spec = meta["spec"]
+    if record is not None:
         console.print(
-            f"MoE layers {result.moe_layers}: {spec['num_experts']} experts {meta.get('experts')}, top-{spec['top_k']}"
-            + (", shared expert" if spec.get("shared_expert") else "")
+            f"MoE layers {result.moe_layers}: {record.num_experts} experts {record.experts}, top-{record.top_k}"
+            + (", shared expert" if record.shared_expert else "")
         )
     table = Table("", "total", "activated")
     if dense is not None:
         table.add_row("dense", billions(dense.total), billions(dense.active))
-    if meta is not None:
+    if record is not None:
         table.add_row("MoE", billions(result.total), billions(result.active))
         if dense is not None:
             table.add_row(

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from moekit.cli.common import fail_on_errors
+from moekit.plugins.hooks import KINDS
 
 
-@fail_on_errors
 def plugins(
-    kind: str = typer.Option(None, "--kind", help="only this kind, e.g. synergy_head or position_encoder"),
+    kind: Literal[(*KINDS, "arch_adapter")] = typer.Option(None, "--kind", help="only this kind"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """List the components that installed plug-ins provide, and plug-ins that failed to load (with why)."""
-    from moekit.hooks import KINDS
-    from moekit.registry import ALLOW_ENV, registry
+    from moekit.plugins.registry import ALLOW_ENV, registry
 
-    if kind is not None and kind not in (*KINDS, "arch_adapter"):
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join((*KINDS, 'arch_adapter'))}")
     reg = registry()
     info = {p.name: p for p in reg.plugins}
     rows = []

@@ -14,25 +14,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moekit.cli.common import fail_on_errors
-
 if TYPE_CHECKING:
     from moekit.recipe import Stage
 
 
-@fail_on_errors
 def validate(
     file: Path = typer.Argument(..., help="recipe or pipeline YAML"),
     overrides: list[str] = typer.Option([], "--set", help="override a key before validation, e.g. stages[0].steps=10"),
     components: bool = typer.Option(True, help="also check plug-in component names and parameters"),
 ) -> None:
     """Validate a recipe (or pipeline) and show its stages; exit 1 with every problem and its YAML path."""
+    from moekit.pipeline.checks import environment_problems
     from moekit.recipe import load_plan
-    from moekit.train.runner import component_problems
 
-    plan = load_plan(file, overrides)
-    pending = [step.out for step in plan.pipeline.prepare] if plan.pipeline is not None else []
-    problems = [p for s in plan.stages for p in component_problems(s.stage, s.where, pending)] if components else []
+    plan = load_plan(file, overrides, components=components)
+    problems = environment_problems(plan) if components else []
     rows = [describe(s.stage) for s in plan.stages]
     table = Table(*rows[0].keys(), title=f"{file}: {len(rows)} stage(s)")
     for row in rows:
@@ -45,7 +41,6 @@ def validate(
         raise ValueError(f"{file}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
 
 
-@fail_on_errors
 def run(
     file: Path = typer.Argument(..., help="recipe or pipeline YAML"),
     overrides: list[str] = typer.Option([], "--set", help="override a key before validation, e.g. stages[0].steps=10"),
@@ -53,8 +48,9 @@ def run(
     only: list[str] = typer.Option([], "--only", help="run only these stages (repeatable)"),
 ) -> None:
     """Run a recipe's stages in order (launch with torchrun / accelerate launch for several processes)."""
+    from moekit.pipeline import run_plan
     from moekit.recipe import load_plan
-    from moekit.train.runner import main_process, run_plan
+    from moekit.train.stage import main_process
 
     plan = load_plan(file, overrides)
     outputs = run_plan(plan, resume=resume, only=only)

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def routes(
     model: Path = typer.Argument(..., help="moekit MoE checkpoint folder"),
     data: list[Path] = typer.Option(
@@ -25,31 +22,27 @@ def routes(
     """Run MODEL over the data and record which experts the routers pick (PolyV Fig. 5 / Fig. 6 views)."""
     import torch
 
-    import moekit
-    from moekit.analysis.routes import write_routes
     from moekit.cli.data_args import data_config
     from moekit.data.loader import build_dataset
-    from moekit.data.preprocess import Preprocessor
+    from moekit.evaluate.model_dir import open_model_dir
+    from moekit.evaluate.routes import write_routes
     from moekit.io.atomic import is_nonempty_dir
-    from moekit.position import load_encoders
 
     if is_nonempty_dir(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     config, base = data_config(data, max_samples, "skip" if skip_bad else "fail")
-    preprocessor = Preprocessor.from_dir(model, tokenizer)
-    dataset = build_dataset(config, preprocessor, base_dir=base)
-    net = moekit.load(model).eval()
-    encoders = load_encoders(model, net)  # those saved with the checkpoint (moekit.json), if any
+    opened = open_model_dir(model, tokenizer, moe=True)  # with the position encoders saved beside it, if any
+    dataset = build_dataset(config, opened.preprocessor, base_dir=base)
     with torch.no_grad():  # not set_grad_enabled: the CLI also runs inside other programs (tests, notebooks)
         report = write_routes(
-            net,
+            opened.model,
             dataset,
             out,
             str(model),
             batch_size=batch_size,
             max_samples=max_samples,
             config=config,
-            encoders=encoders,
+            encoders=opened.encoders,
         )
     experts = report["experts"] or []
     typer.echo(f"wrote {out}/routes.json and plots; experts {experts}")

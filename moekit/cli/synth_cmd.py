@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def synth(
     out: Path = typer.Option(..., "-o", "--out", help="output folder"),
     seed: int = typer.Option(0, help="random seed (the output is a function of the seed and sizes)"),
@@ -29,7 +26,7 @@ def synth(
     """Write a small synthetic dataset: shapes, motion clips, 3D scenes with exact depth, pairs, CSQA, eval."""
     values = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
     from moekit.config import parse_config
-    from moekit.data.synth.writer import SynthSpec, write_synth
+    from moekit.demo.synth.writer import SynthSpec, write_synth
 
     spec = parse_config(SynthSpec, values, source="moekit synth")
     manifest = write_synth(out, spec, overwrite=overwrite)

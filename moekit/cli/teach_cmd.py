@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def teach(
     teacher: str = typer.Option(..., "--teacher", help="teacher name (see `moekit plugins`), e.g. vjepa2 or vggt"),
     data: Path = typer.Option(..., "--data", help="JSONL with an id and a video, image or scene per line"),
@@ -17,7 +15,7 @@ def teach(
     param: list[str] = typer.Option([], "--param", help="teacher param key=value, e.g. checkpoint=./vjepa2"),
     config: Path = typer.Option(None, "--config", help="YAML file of teacher params (--param overrides it)"),
     root: Path = typer.Option(None, "--root", help="folder that relative frame paths start from (default: data's)"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="stored feature dtype: float32, bfloat16 or float16"),
+    dtype: Literal["float32", "bfloat16", "float16"] = typer.Option("bfloat16", "--dtype", help="stored feature dtype"),
     shard_mb: float = typer.Option(1024.0, "--shard-mb", help="start a new shard after this many MB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard features already in the cache"),
 ) -> None:
@@ -25,13 +23,11 @@ def teach(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from moekit.attach.teachers import build_cache, read_samples
+    from moekit.attach.teachers.cache import check_compatible
     from moekit.config import apply_overrides, load_yaml, parse_config
-    from moekit.registry import registry
-    from moekit.teachers import build_cache, read_samples
-    from moekit.teachers.cache import DTYPES, check_compatible
+    from moekit.plugins.registry import registry
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     params = load_yaml(config) if config is not None else {}
     if not isinstance(params, dict):
         raise ValueError(f"{config}: expected a mapping of teacher params, got {type(params).__name__}")

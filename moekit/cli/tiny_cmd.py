@@ -6,13 +6,10 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def tiny(
     output: Path = typer.Argument(..., help="folder to write: OUT/base plus OUT/<name> per specialist"),
-    family: str = typer.Option("qwen2_5_vl", "--family", help="model family (see moekit.tiny.FAMILIES)"),
+    family: str = typer.Option("qwen2_5_vl", "--family", help="model family (see moekit.demo.tiny.FAMILIES)"),
     specialists: str = typer.Option(
         "", "--specialists", help="comma-separated names of FFN-only specialists, e.g. image,video,3d"
     ),
@@ -20,8 +17,8 @@ def tiny(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
 ) -> None:
     """Write a tiny random model of FAMILY and FFN-only specialists (random stand-ins for stage 1-2 outputs)."""
+    from moekit.demo.tiny import tiny_config, write_tiny_checkpoint
     from moekit.io.atomic import atomic_dir
-    from moekit.tiny import tiny_config, write_tiny_checkpoint
 
     tiny_config(family)  # validates the family name before anything is written
     names = [s.strip() for s in specialists.split(",") if s.strip()]

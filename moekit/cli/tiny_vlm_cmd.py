@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli.common import fail_on_errors
 
-
-@fail_on_errors
 def tiny_vlm(
     out: Path = typer.Argument(..., help="output folder"),
     hidden_size: int = typer.Option(64, help="text hidden size (a multiple of 16)"),
@@ -18,7 +15,7 @@ def tiny_vlm(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
 ) -> None:
     """Write a tiny Qwen2.5-VL bundle (weights, word-level tokenizer + chat template, pixel config)."""
-    from moekit.data.bundle import write_tiny_vlm
+    from moekit.demo.bundle import write_tiny_vlm
 
     write_tiny_vlm(out, hidden_size=hidden_size, layers=layers, seed=seed, overwrite=overwrite)
     typer.echo(f"wrote a tiny Qwen2.5-VL bundle to {out}")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
-
-from moekit.cli.common import fail_on_errors
 
 DTYPES = {
     "bf16": "bfloat16",
@@ -33,7 +32,6 @@ def parse_expert(text: str) -> dict:
     return entry
 
 
-@fail_on_errors
 def upcycle(
     spec_file: Path = typer.Argument(None, help="UpcycleSpec YAML (optional; flags override it)", exists=False),
     base: str = typer.Option(None, "--base", help="dense base checkpoint directory"),
@@ -51,8 +49,8 @@ def upcycle(
     overrides: list[str] = typer.Option(None, "--set", help="override a spec field: key=value, e.g. router.std=0.01"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-    dtype: str = typer.Option(
-        None, "--dtype", help="cast floating tensors: bf16, fp16 or fp32 (default: keep each source's)"
+    dtype: Literal[tuple(DTYPES)] = typer.Option(
+        None, "--dtype", help="cast floating tensors (default: keep each source's)"
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="also read .bin/.pt sources (torch.load weights_only=True)"
@@ -71,8 +69,8 @@ def upcycle(
     from rich.console import Console
 
     from moekit.config import apply_overrides, load_yaml, parse_config
-    from moekit.io.convert import convert
     from moekit.upcycle import UpcycleSpec
+    from moekit.upcycle.convert import convert
 
     data = load_yaml(spec_file) if spec_file else {}
     if isinstance(data, dict) and set(data) == {"upcycle"}:
@@ -86,8 +84,6 @@ def upcycle(
         data["num_experts"] = len(expert)
     data = apply_overrides(data, overrides or [])
     spec = parse_config(UpcycleSpec, data, source=str(spec_file) if spec_file else "command line")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of bf16, fp16, fp32")
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else None
     report = convert(
         spec,

@@ -149,7 +149,11 @@ def _assign(node: Any, part: str | int, value: Any, key: str) -> None:
 
 
 def is_pending(path: Any, context: dict[str, Any] | None) -> bool:
-    """Whether `path` lies in a folder that is still to be created (`context["pending_paths"]`)."""
+    """Whether a check that `path` exists should wait: while a recipe is parsed (`context["check_paths"]` False;
+    `moekit validate` and `moekit run` check paths before anything runs), or when `path` lies in a folder still
+    to be created (`context["pending_paths"]`, a pipeline's prepare steps)."""
+    if (context or {}).get("check_paths", True) is False:
+        return True
     pending = (context or {}).get("pending_paths") or ()
     resolved = Path(path).resolve()
     return any(resolved == Path(p).resolve() or Path(p).resolve() in resolved.parents for p in pending)

@@ -6,39 +6,45 @@ template format the conversation, the family's `Vision` turns media into tokens 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moekit.config.record import dense_model_type
 from moekit.data.chat import IGNORE, ChatFormatter, Piece, assemble
 from moekit.data.media import Media, student_geometry
 from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, Sample
 from moekit.data.vision import Vision, build_vision
 
-SYNERGY_TOKEN = "<synergy>"
-SYNERGY_FORMAT = "<synergy_{i}>"  # the tokens moekit_plugins' polyv_synergy head adds (its default token_format)
-
-
-def model_family(config: Any) -> str:
-    """The dense family of a config (a moekit MoE config `moekit_qwen2_5_vl` -> `qwen2_5_vl`)."""
-    from moekit.modeling.classes import PREFIX
-
-    return str(config.model_type).removeprefix(PREFIX)
-
 
 class Preprocessor:
-    """Tokenizer + chat formatting + visual preprocessing of one model."""
+    """Tokenizer + chat formatting + visual preprocessing of one model.
 
-    def __init__(self, tokenizer: Any, vision: Vision | None, family: str, config: Any = None):
+    `synergy_tokens` are the prompt tokens a synergy head reads (`moekit.attach.synergy.placeholder_tokens`): the
+    tokens put after the student's image in paired samples when a dataset asks for `synergy_tokens`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vision: Vision | None,
+        family: str,
+        config: Any = None,
+        synergy_tokens: Sequence[str] = (),
+    ):
         self.tokenizer = tokenizer
         self.vision = vision
         self.family = family
         self.config = config
+        self.synergy_tokens = list(synergy_tokens)
         self.formatter = ChatFormatter(tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, tokenizer_path: str | Path | None = None) -> Preprocessor:
+    def from_dir(
+        cls, path: str | Path, tokenizer_path: str | Path | None = None, synergy_tokens: Sequence[str] = ()
+    ) -> Preprocessor:
         """Load from a model folder (tokenizer from `tokenizer_path` when the folder has none)."""
         from transformers import AutoTokenizer
 
@@ -46,13 +52,13 @@ class Preprocessor:
 
         path = Path(path)
         config = read_config(path)
-        family = model_family(config)
+        family = dense_model_type(config)
         source = Path(tokenizer_path) if tokenizer_path is not None else path
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{source}: no usable tokenizer here ({exc}); pass the folder that has one") from None
-        return cls(tokenizer, build_vision(path, family, config), family, config)
+        return cls(tokenizer, build_vision(path, family, config), family, config, synergy_tokens)
 
     @property
     def pad_id(self) -> int:
@@ -64,18 +70,23 @@ class Preprocessor:
         return None if token_id is None or token_id == self.tokenizer.unk_token_id else int(token_id)
 
     def synergy_ids(self, count: int) -> list[int]:
-        """Ids of the `count` synergy tokens: `<synergy_0>` ... `<synergy_{count-1}>` when a synergy head added
-        them (PolyV's head reads each once), else `<synergy>` repeated."""
-        numbered = [self._token_id(SYNERGY_FORMAT.format(i=i)) for i in range(count)]
-        if all(t is not None for t in numbered):
-            return numbered
-        single = self._token_id(SYNERGY_TOKEN)
-        if single is None:
+        """Ids of the `count` synergy tokens: `synergy_tokens` in order (one token given is repeated)."""
+        tokens = self.synergy_tokens
+        if len(tokens) == 1:
+            tokens = tokens * count
+        if len(tokens) != count:
             raise ValueError(
-                f"the tokenizer has neither {SYNERGY_FORMAT.format(i=0)}... nor {SYNERGY_TOKEN}; a synergy head's "
-                "prepare() adds them, or add them as special tokens first"
+                f"data.synergy_tokens is {count} but the stage's synergy heads read {len(self.synergy_tokens)} "
+                f"token(s) ({self.synergy_tokens or 'none'}); make them agree"
             )
-        return [single] * count
+        ids = [self._token_id(t) for t in tokens]
+        unknown = [t for t, i in zip(tokens, ids) if i is None]
+        if unknown:
+            raise ValueError(
+                f"the tokenizer lacks the synergy token(s) {unknown}; a synergy head's prepare() adds them, or add "
+                "them as special tokens first"
+            )
+        return ids
 
     def encode(self, sample: Sample, media: Media, max_length: int, synergy_tokens: int = 0) -> dict[str, Any]:
         """Model inputs (1-D token tensors, pixel tensors) plus the sample's extras; ValueError when unusable."""

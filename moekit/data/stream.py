@@ -11,23 +11,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moekit.config.record import dense_model_type
 from moekit.data.collate import Collator
 from moekit.data.loader import build_dataset
 from moekit.data.mixture import MixtureSampler
-from moekit.data.preprocess import Preprocessor, model_family
+from moekit.data.preprocess import Preprocessor
 from moekit.data.vision import build_vision
 
 
-def preprocessor_for(model: Any, tokenizer: Any, model_dir: str | Path | None) -> Preprocessor:
-    """The preprocessor of the model being trained: its tokenizer (with any tokens a synergy head added) and the
-    pixel settings of the folder it was loaded from."""
+def preprocessor_for(
+    model: Any, tokenizer: Any, model_dir: str | Path | None, synergy_tokens: list[str] = ()
+) -> Preprocessor:
+    """The preprocessor of the model being trained: its tokenizer (with any tokens a synergy head added), the
+    pixel settings of the folder it was loaded from and the tokens the stage's synergy heads read."""
     if model_dir is None:
         raise ValueError("the data layer needs the folder the model was loaded from (preprocessor_config.json)")
     if tokenizer is None:
-        return Preprocessor.from_dir(model_dir)
+        return Preprocessor.from_dir(model_dir, synergy_tokens=synergy_tokens)
     config = model.config
-    family = model_family(config)
-    return Preprocessor(tokenizer, build_vision(Path(model_dir), family, config), family, config)
+    family = dense_model_type(config)
+    return Preprocessor(tokenizer, build_vision(Path(model_dir), family, config), family, config, synergy_tokens)
 
 
 class Batches:
@@ -38,7 +41,7 @@ class Batches:
         if stage.data is None:
             raise ValueError(f"stage {stage.name}: data_source 'data' needs a data: section")
         self.request = request
-        preprocessor = preprocessor_for(request.model, request.tokenizer, request.model_dir)
+        preprocessor = preprocessor_for(request.model, request.tokenizer, request.model_dir, request.synergy_tokens)
         self.dataset = build_dataset(stage.data, preprocessor)
         sampler = MixtureSampler(
             [len(p) for p in self.dataset.parts],

@@ -6,9 +6,8 @@ layer. `open_teacher_cache(dir)` reads what `moekit teach` writes:
     DIR/index.json + shard-*.safetensors          one teacher's cache (tensors `features/<id>`), or
     DIR/<any>/index.json + shard-*.safetensors    one sub-folder per teacher (e.g. DIR/vjepa2, DIR/vggt)
 
-`index.json` holds `teacher` (its name) and `samples` (id -> {"shard": file, ...}). When `moekit.teachers` is
-installed its `FeatureCache` reads the folder (it also rebuilds a stale index); otherwise a minimal reader of the
-same layout does.
+`index.json` holds `teacher` (its name) and `samples` (id -> {"shard": file, ...}); each folder is read by the
+writer's own reader, `moekit.attach.teachers.FeatureCache` (which also rebuilds a stale index).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-PREFIX = "features/"
+from moekit.attach.teachers.cache import FeatureCache
 
 
 @runtime_checkable
@@ -36,32 +35,6 @@ class DictFeatures:
 
     def teacher_features(self, sample_id: str) -> dict[str, torch.Tensor] | None:
         return self.features.get(sample_id)
-
-
-class _LayoutCache:
-    """Minimal reader of one cache folder (used when `moekit.teachers` is not installed)."""
-
-    def __init__(self, path: Path):
-        index = json.loads((path / "index.json").read_text())
-        self.path = path
-        self.samples: dict[str, Any] = index.get("samples") or {}
-
-    def get(self, sample_id: str) -> torch.Tensor | None:
-        entry = self.samples.get(sample_id)
-        if entry is None:
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / entry["shard"]), framework="pt") as handle:
-            return handle.get_tensor(PREFIX + sample_id)
-
-
-def _open_one(path: Path) -> Any:
-    try:
-        from moekit.teachers import FeatureCache  # the writer's own reader, when installed
-    except ImportError:
-        return _LayoutCache(path)
-    return FeatureCache(path)
 
 
 class CacheFeatures:
@@ -90,5 +63,5 @@ def open_teacher_cache(path: str | Path) -> CacheFeatures:
     caches = {}
     for folder in folders:
         name = json.loads((folder / "index.json").read_text()).get("teacher") or folder.name
-        caches[name] = _open_one(folder)
+        caches[name] = FeatureCache(folder)
     return CacheFeatures(caches)

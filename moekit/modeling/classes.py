@@ -17,14 +17,13 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from moekit.arch.families import FAMILIES, family_for
+from moekit.arch import FAMILIES, family_for
+from moekit.config.record import PREFIX, MoeRecord
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
 from moekit.modeling.structure import guard_key, guard_pattern, init_block, install_blocks, new_context
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
-
-PREFIX = "moekit_"
 
 
 def moe_model_type(base_model_type: str) -> str:
@@ -36,16 +35,16 @@ class MoekitModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        meta = config.moekit
+        record = MoeRecord.of(config)
         # The stock dense classes cannot take transformers' experts_implementation switch, so moekit keeps its
         # own (see set_experts_implementation); the default `auto` picks the fastest per device (eager on CPU).
-        context = new_context(meta)
+        context = new_context(record)
         attach_context(self, context)
         std = getattr(config.get_text_config(), "initializer_range", 0.02) or 0.02
-        for block in install_blocks(self, meta, context).values():
+        for block in install_blocks(self, record, context).values():
             init_block(block, std)
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
-            guard_pattern(meta)
+            guard_pattern(record)
         }
 
     def set_experts_implementation(self, experts_implementation: str | dict) -> None:
@@ -54,13 +53,12 @@ class MoekitModelMixin:
         self._moekit_context.settings.set(name)
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, state_dict: dict | None = None, **kwargs: Any):
-        """Save like transformers, atomically, with the moekit metadata and the dense-refusal guard."""
-        from moekit import __version__
-
-        self.config.moekit = {**self.config.moekit, "version": __version__}
+        """Save like transformers, atomically, with the moekit record and the dense-refusal guard."""
+        record = MoeRecord.of(self.config)
+        self.config.moekit = record.to_json()  # stamped with this moekit's version
         state = dict(self.state_dict() if state_dict is None else state_dict)
         reference = next(p for p in self.parameters())
-        state[guard_key(self.config.moekit)] = torch.zeros(0, dtype=reference.dtype)
+        state[guard_key(record)] = torch.zeros(0, dtype=reference.dtype)
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
         with atomic_dir(save_directory) as tmp:

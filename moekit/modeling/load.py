@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moekit.config.record import PREFIX, MoeRecord
 from moekit.modeling.attention import resolve_attn_implementation
-from moekit.modeling.classes import PREFIX, moekit_classes
+from moekit.modeling.classes import moekit_classes
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_record(path: str | Path) -> MoeRecord:
     """The `moekit` record of a checkpoint's config.json; a clear error when it is not a moekit checkpoint."""
     path = Path(path)
     config_file = path / "config.json"
@@ -20,14 +21,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
-    meta = config.get("moekit")
+    data = config.get("moekit")
     model_type = str(config.get("model_type"))
-    if not isinstance(meta, dict) or not model_type.startswith(PREFIX):
+    if not isinstance(data, dict) or not model_type.startswith(PREFIX):
         raise ValueError(
             f"{config_file}: model_type {model_type!r} is a dense checkpoint, not a moekit MoE one; "
             "upcycle it first (`moekit upcycle --base DIR ...` or moekit.upcycle(model, spec))"
         )
-    return meta
+    return MoeRecord.parse(data, source=f"{config_file}: moekit")
 
 
 def load(path: str | Path, *, experts_implementation: str | None = None, **kwargs: Any):
@@ -38,8 +39,8 @@ def load(path: str | Path, *, experts_implementation: str | None = None, **kwarg
     Only local files and safetensors are read; a checkpoint that lacks any weight is an error, never a model
     with randomly initialised experts.
     """
-    meta = read_meta(path)
-    _, model_cls = moekit_classes(meta["base_model_type"])
+    record = read_record(path)
+    _, model_cls = moekit_classes(record.base_model_type)
     if "attn_implementation" in kwargs:
         kwargs["attn_implementation"] = resolve_attn_implementation(kwargs["attn_implementation"])
     kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True)

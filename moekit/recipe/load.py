@@ -55,7 +55,12 @@ class Plan:
 
 
 def _recipe(
-    data: object, source: str, base: str | None = None, output_dir: str | None = None, steps: int | None = None
+    data: object,
+    source: str,
+    context: dict,
+    base: str | None = None,
+    output_dir: str | None = None,
+    steps: int | None = None,
 ) -> Recipe:
     if isinstance(data, dict):
         if base is not None:
@@ -66,11 +71,15 @@ def _recipe(
             for stage in data.get("stages") or []:
                 if isinstance(stage, dict):
                     stage.update(steps=steps, epochs=None)
-    return parse_config(Recipe, data, source=source)
+    return parse_config(Recipe, data, source=source, context=context)
 
 
-def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Plan:
-    """Validate a recipe or pipeline file (and every recipe a pipeline lists); raise ConfigError with paths."""
+def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, components: bool = True) -> Plan:
+    """Validate a recipe or pipeline file (and every recipe a pipeline lists); raise ConfigError with paths.
+
+    Plug-in components (teachers, position encoders, synergy heads, batch sources) are looked up and their
+    params validated while parsing, unless `components=False`. Whether the files their params name exist is
+    checked later, before anything runs (`moekit.pipeline.checks.environment_problems`)."""
     path = Path(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -78,16 +87,17 @@ def load_plan(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
             str(path), [("<root>", "expected a mapping with `stages:` (a recipe) or `recipes:` (a pipeline)")]
         )
     data = apply_overrides(data, list(overrides))
+    context = {"components": components, "check_paths": False}
     if "recipes" not in data:
-        recipe = _recipe(data, str(path))
+        recipe = _recipe(data, str(path), context)
         return Plan(str(path), [PlannedStage(s, recipe, str(path), i) for i, s in enumerate(recipe.stages)])
-    pipeline = parse_config(Pipeline, data, source=str(path))
+    pipeline = parse_config(Pipeline, data, source=str(path), context=context)
     problems: list[tuple[str, str]] = []
     stages: list[PlannedStage] = []
     for index, name in enumerate(pipeline.recipes):
         file = path.parent / name
         try:
-            recipe = _recipe(load_yaml(file), str(file), pipeline.base, pipeline.output_dir, pipeline.steps)
+            recipe = _recipe(load_yaml(file), str(file), context, pipeline.base, pipeline.output_dir, pipeline.steps)
         except FileNotFoundError:
             problems.append((f"recipes[{index}]", f"{file}: no such file"))
             continue

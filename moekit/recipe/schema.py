@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from moekit.config import StrictModel
 from moekit.data.config import DataConfig
 from moekit.moe.experts import IMPLEMENTATIONS
+from moekit.plugins import registry as plugin_registry
+from moekit.plugins.refs import PositionEncoderRef, SynergyHeadRef, TeacherRef, checks_components
 from moekit.recipe.prepare import PrepareStep
 from moekit.upcycle.spec import ExpertSpec, UpcycleSpec
 
@@ -186,14 +188,7 @@ class Schedule(StrictModel):
         return self
 
 
-class ComponentRef(StrictModel):
-    """A plug-in component by name (see `moekit plugins`), with its parameters."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class SynergyLoss(ComponentRef):
+class SynergyLoss(SynergyHeadRef):
     """A synergy head (plug-in kind `synergy_head`) whose named loss terms join the total."""
 
     weight: float = Field(1.0, ge=0.0, description="multiplies every term of this head")
@@ -254,17 +249,19 @@ class Stage(StrictModel):
     phases: list[Phase] = Field(default_factory=list)
     lora: Lora | None = None
     losses: Losses = Field(default_factory=Losses)
-    teachers: dict[str, ComponentRef] = Field(
+    teachers: dict[str, TeacherRef] = Field(
         default_factory=dict, description="teacher per batch slot (video, scene); skipped for cached features"
     )
-    position_encoders: list[ComponentRef] | None = Field(
+    position_encoders: list[PositionEncoderRef] | None = Field(
         None,
         description="visual-token position encoders (plug-in kind position_encoder); default: those saved with the "
         "model the stage starts from; [] for none",
     )
     data: DataConfig | None = None
-    data_source: str = Field("data", description="batch source: 'data' (moekit.data) or a registered name")
-    data_params: dict[str, Any] = Field(default_factory=dict, description="parameters of a non-default data_source")
+    data_source: str = Field("data", description="batch source: 'data' (moekit.data) or a batch_source plug-in")
+    data_params: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True, description="parameters of a non-default data_source"
+    )
     optimizer: Optimizer
     schedule: Schedule = Field(default_factory=Schedule)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -286,6 +283,16 @@ class Stage(StrictModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return _check_name(value, "stage")
+
+    @field_validator("data_params")
+    @classmethod
+    def _source_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        source = info.data.get("data_source")
+        if source is not None and source != "data" and checks_components(info.context):
+            reg = plugin_registry.registry()
+            reg.get("batch_source", source, where="data_source")
+            reg.params_for("batch_source", source, params, context=info.context)
+        return params
 
     @model_validator(mode="after")
     def _consistent(self) -> Stage:
@@ -320,6 +327,12 @@ class Stage(StrictModel):
             problems.append("the data section is required (or name another data_source)")
         if self.data_source != "data" and self.data is not None and self.data_params:
             problems.append("give data (for data_source: data) or data_params (for other sources), not both")
+        for section, names in (
+            ("losses.synergy", [h.name for h in self.losses.synergy]),
+            ("position_encoders", [e.name for e in self.position_encoders or []]),
+        ):
+            if len(set(names)) != len(names):
+                problems.append(f"{section}: each may appear once, got {names}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -355,7 +368,7 @@ class Recipe(StrictModel):
 
 
 class ReportSpec(StrictModel):
-    """What `moekit run` writes after the last stage (moekit.report)."""
+    """What `moekit run` writes after the last stage (moekit.pipeline.report)."""
 
     out: str = Field(description="report folder (report.md, report.json, PNG plots)")
     eval: str | None = Field(None, description="held-out multiple-choice questions (JSON/JSONL with `choices`)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object, reduce
 from torch import nn
 
 from moekit.recipe.schema import Distributed, Optimizer
@@ -126,28 +127,15 @@ class Engine(abc.ABC):
         return float(self.optimizer.param_groups[0]["lr"])
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if not self.distributed:
-            return tensor
-        import torch.distributed as dist
-
-        tensor = tensor.detach().clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor / self.world_size if op == "mean" else tensor
+        """`tensor` summed (or averaged, `op="mean"`) over every process: accelerate's `reduce`."""
+        return reduce(tensor.detach(), reduction=op)
 
     def gather_objects(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        """One picklable object per process, in rank order: accelerate's `gather_object`."""
+        return gather_object([obj])
 
     def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
+        process_state().wait_for_everyone()
 
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

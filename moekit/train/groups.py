@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from moekit.arch import resolve_arch
-from moekit.arch.families import FAMILIES
+from moekit.arch import family_for, resolve_arch
+from moekit.config.record import dense_model_type
 from moekit.moe import MoeBlock
 from moekit.recipe.schema import GROUP_NAMES, Group
 
@@ -46,7 +46,7 @@ def _at(model: nn.Module, path: str) -> list[nn.Parameter]:
 
 
 def _projector(model: nn.Module) -> list[nn.Parameter]:
-    family = FAMILIES.get(base_model_type(model))
+    family = family_for(dense_model_type(model))
     if family is not None:
         return [p for path in family.projector for p in _at(model, path)]
     found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
@@ -54,7 +54,7 @@ def _projector(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _vision(model: nn.Module) -> list[nn.Parameter]:
-    family = FAMILIES.get(base_model_type(model))
+    family = family_for(dense_model_type(model))
     path = family.vision if family is not None else None
     if path is None:
         found = [
@@ -63,12 +63,6 @@ def _vision(model: nn.Module) -> list[nn.Parameter]:
         path = found[0] if found else None
     projector = {id(p) for p in _projector(model)}
     return [p for p in (_at(model, path) if path else []) if id(p) not in projector]
-
-
-def base_model_type(model: nn.Module) -> str:
-    """The dense family of a model (`qwen2_5_vl` for a moekit MoE model built from one)."""
-    meta = getattr(model.config, "moekit", None)
-    return meta["base_model_type"] if isinstance(meta, dict) else model.config.model_type
 
 
 def _decoder_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -125,7 +119,7 @@ def select(train_module: nn.Module, groups: Iterable[Group], where: str) -> list
             hits = table[group.name]
         if not hits:
             present = [g for g in GROUP_NAMES if table.get(g)]
-            kind = base_model_type(hf_model(train_module.model))
+            kind = dense_model_type(hf_model(train_module.model))
             raise ValueError(
                 f"{where}: group {group} selects no parameter of this {kind} model; groups with parameters here: "
                 f"{', '.join(present)}"

@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
+from moekit.attach.teachers.batch import resolve_teacher
+from moekit.config.record import MoeRecord
 from moekit.moe.stats import RoutingStats
 from moekit.recipe.schema import Group, Stage
 from moekit.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.train.engine import Engine
 from moekit.train.groups import hf_model, select, set_trainable
 from moekit.train.logger import RunLogger
-from moekit.train.module import TrainModule, compose, router_weights
+from moekit.train.module import LossWeights, TrainModule, compose
 from moekit.train.schedule import build_scheduler
 from moekit.train.sources import BatchRequest, BatchSource
-from moekit.train.teachers import resolve_teacher
 
 EXTRAS = ("labels", "sample_ids", "sample_modalities", "teacher", "geometry")
 
@@ -43,7 +45,7 @@ class PhasePlan:
 
 @dataclass
 class StageRun:
-    """What the loop needs for one stage; built by `moekit.train.runner`."""
+    """What the loop needs for one stage; built by `moekit.train.stage.run_stage`."""
 
     stage: Stage
     stage_dir: Path
@@ -55,6 +57,7 @@ class StageRun:
     where: str = "stage"
     resume: bool = False
     model_dir: Path | None = None
+    synergy_tokens: list[str] = field(default_factory=list)
 
 
 def plan_phases(stage: Stage, total: int, where: str) -> list[PhasePlan]:
@@ -79,16 +82,6 @@ def plan_phases(stage: Stage, total: int, where: str) -> list[PhasePlan]:
     if start != total:
         raise ValueError(f"{where}.phases: the phases cover {start} of the stage's {total} steps")
     return plans
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
 
 
 def total_steps(stage: Stage, source: BatchSource, request: BatchRequest, where: str) -> int:
@@ -120,6 +113,7 @@ def train_stage(run: StageRun) -> Position:
             start=start,
             seed=stage.seed,
             model_dir=run.model_dir,
+            synergy_tokens=run.synergy_tokens,
         )
 
     total = total_steps(stage, run.source, request(0, 0), run.where)
@@ -153,8 +147,8 @@ def train_stage(run: StageRun) -> Position:
         checkpoint=str(checkpoint) if checkpoint else None,
     )
 
-    router = router_weights(stage.losses, module.model)
-    stats = RoutingStats(model.config.moekit.get("experts")) if module.is_moe else None
+    weights = LossWeights.of(stage.losses, module.model)
+    stats = RoutingStats(MoeRecord.of(model.config).experts) if module.is_moe else None
     batches = iter(run.source(request(position.epoch, position.batch)))
     current, active = None, phases[0]  # the phase being logged, the phase whose parameters have gradients
     window_tokens, window_start = 0, time.perf_counter()
@@ -205,13 +199,13 @@ def train_stage(run: StageRun) -> Position:
             )
             batch.pop("sample_ids", None)
             geometry = batch.pop("geometry", None)
-            inputs = to_device(batch, engine.device)
-            teacher = resolve_teacher(to_device(teacher, engine.device), run.teachers)
+            inputs = send_to_device(batch, engine.device)
+            teacher = resolve_teacher(send_to_device(teacher, engine.device), run.teachers)
             record = stats is not None and logging_step
             with engine.sync(last):
                 with stats.recording(model) if record else contextlib.nullcontext(), engine.autocast():
                     terms = engine.forward(inputs, labels.to(engine.device), teacher, modalities, geometry)
-                    loss = compose(terms, stage.losses, router, ce_scale, 1.0 / stage.grad_accum)
+                    loss = compose(terms, weights, ce_scale, 1.0 / stage.grad_accum)
                 engine.backward(loss)
             engine.micro_step_done(last)
             for key, value in terms.items():
@@ -222,7 +216,7 @@ def train_stage(run: StageRun) -> Position:
         window_tokens += int(step_counts[1])
 
         if logging_step:
-            metrics = step_metrics(step_terms, engine, stage, router, len(micro))
+            metrics = step_metrics(step_terms, engine, weights, len(micro))
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics.update(lr=lr, grad_norm=grad_norm, tokens=position.tokens, tokens_per_s=window_tokens / elapsed)
             if stats is not None and stats.counts:
@@ -239,9 +233,10 @@ def train_stage(run: StageRun) -> Position:
 
 
 def step_metrics(
-    step_terms: dict[str, torch.Tensor], engine: Engine, stage: Stage, router: tuple[float, float], micro_steps: int
+    step_terms: dict[str, torch.Tensor], engine: Engine, weights: LossWeights, micro_steps: int
 ) -> dict[str, float]:
-    """Step-level loss values, averaged over micro-batches and processes (CE over the step's answer tokens)."""
+    """Step-level loss values, averaged over micro-batches and processes (CE over the step's answer tokens), and
+    their total weighted exactly as the back-propagated loss was."""
     keys = sorted(step_terms)
     values = engine.all_reduce(torch.stack([step_terms[k].reshape(()) for k in keys]))
     summed = dict(zip(keys, values.tolist()))
@@ -249,20 +244,12 @@ def step_metrics(
     denominator = micro_steps * engine.world_size
     means = {k: v / denominator for k, v in summed.items()}
     metrics = {"loss/ce": ce}
-    total = stage.losses.ce * ce
-    alpha, z = router
+    total = weights.ce * ce
     for key, value in means.items():
         metrics[f"loss/{key}"] = value
+        total += weights.weight(key) * value
         if key == "load_balancing":
-            total += alpha * value
             metrics["routing/balance"] = value
-        elif key == "z_loss":
-            total += z * value
-        else:
-            head, term = key.split("/", 1)
-            spec = next((h for h in stage.losses.synergy if h.name == head), None)
-            if spec is not None:
-                total += spec.weight * spec.terms.get(term, 1.0) * value
     metrics["loss"] = total
     return metrics
 

@@ -2,25 +2,27 @@
 term.
 
 Distributed wrappers (DDP, FSDP2, DeepSpeed) wrap this module, so head parameters are reduced and sharded with
-the model's. The loop weights and normalises the terms (`compose`), because the CE normaliser (answer tokens
+the model's. The loop weights (`LossWeights`) and normalises the terms (`compose`), because the CE normaliser (answer tokens
 of the whole optimizer step, over every process) is only known outside one micro-batch.
 
 Synergy heads are plug-in components (`moekit_synergy_heads`): after `head.prepare(model, tokenizer)`,
 `head(hidden_states=..., input_ids=..., teacher=...)` returns a dict of named loss tensors. Position encoders
-(`moekit.position`) are hooked into the model's visual tokens; each forward hands them the batch's geometry.
+(`moekit.attach.position`) are hooked into the model's visual tokens; each forward hands them the batch's geometry.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.attach.position import feeding
+from moekit.config.record import MoeRecord
 from moekit.moe import MoeBlock, router_losses
 from moekit.moe.context import get_context
-from moekit.position import feeding
 from moekit.recipe.schema import Losses
 from moekit.train.groups import hf_model
 
@@ -85,37 +87,48 @@ class TrainModule(nn.Module):
         return terms
 
 
-def router_weights(losses: Losses, model: nn.Module) -> tuple[float, float]:
-    """(alpha, z) from the recipe, defaulting to the coefficients the model was upcycled with."""
-    meta = getattr(hf_model(model).config, "moekit", None)
-    spec = meta.get("spec", {}) if isinstance(meta, dict) else {}
-    alpha = losses.load_balancing if losses.load_balancing is not None else spec.get("aux_loss_coef", 0.0)
-    z = losses.z_loss if losses.z_loss is not None else spec.get("z_loss_coef", 0.0)
-    return float(alpha), float(z)
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of every raw loss term a `TrainModule` returns, from the recipe's `losses:` (router weights
+    default to the coefficients the model was upcycled with). The one place that weights the losses: the loss
+    that is back-propagated and the total that is logged both use it."""
+
+    ce: float
+    load_balancing: float
+    z_loss: float
+    synergy: dict[str, tuple[float, dict[str, float]]]  # head -> (weight of the head, per-term weights)
+
+    @classmethod
+    def of(cls, losses: Losses, model: nn.Module) -> LossWeights:
+        record = MoeRecord.of(hf_model(model).config)
+        alpha = losses.load_balancing if losses.load_balancing is not None else getattr(record, "aux_loss_coef", 0.0)
+        z = losses.z_loss if losses.z_loss is not None else getattr(record, "z_loss_coef", 0.0)
+        heads = {h.name: (h.weight, dict(h.terms)) for h in losses.synergy}
+        return cls(losses.ce, float(alpha), float(z), heads)
+
+    def weight(self, term: str) -> float:
+        """The weight of a raw term: `ce_sum`, `load_balancing`, `z_loss` or `<head>/<term>` (0 for others)."""
+        if term == "ce_sum":
+            return self.ce
+        if term in ("load_balancing", "z_loss"):
+            return getattr(self, term)
+        head, _, name = term.partition("/")
+        if head in self.synergy:
+            weight, terms = self.synergy[head]
+            return weight * terms.get(name, 1.0)
+        return 0.0
 
 
-def compose(
-    terms: dict[str, torch.Tensor],
-    losses: Losses,
-    router: tuple[float, float],
-    ce_scale: float,
-    micro_scale: float,
-) -> torch.Tensor:
+def compose(terms: dict[str, torch.Tensor], weights: LossWeights, ce_scale: float, micro_scale: float) -> torch.Tensor:
     """The loss to back-propagate for one micro-batch.
 
     `ce_scale` turns the summed CE into its share of the step's token mean (world_size / answer tokens of the
     step over all processes, since the gradient reduction averages over processes); `micro_scale` (1 /
     grad_accum) averages the per-micro-batch terms over the step.
     """
-    total = losses.ce * ce_scale * terms["ce_sum"]
-    alpha, z = router
-    if "load_balancing" in terms and alpha:
-        total = total + micro_scale * alpha * terms["load_balancing"]
-    if "z_loss" in terms and z:
-        total = total + micro_scale * z * terms["z_loss"]
-    for head in losses.synergy:
-        for key, value in terms.items():
-            if key.startswith(f"{head.name}/"):
-                weight = head.weight * head.terms.get(key.split("/", 1)[1], 1.0)
-                total = total + micro_scale * weight * value
+    total = weights.ce * ce_scale * terms["ce_sum"]
+    for key, value in terms.items():
+        weight = 0.0 if key in ("ce_sum", "ce_tokens") else weights.weight(key)
+        if weight:
+            total = total + micro_scale * weight * value
     return total

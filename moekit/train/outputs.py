@@ -1,7 +1,7 @@
 """Stage inputs and outputs: load the model a stage starts from, and write what it produced.
 
-A stage's output is `<output_dir>/<stage>/model/`, written atomically, with `moekit.json` (format, stage,
-provenance) and `recipe.yaml` (the recipe that made it):
+A stage's output is `<output_dir>/<stage>/model/`, written atomically, with its provenance (`moekit.json`:
+format, stage, steps; `recipe.yaml`: the recipe that made it; see `moekit.config.provenance`):
 - `full`: a transformers checkpoint (`save_pretrained`), a moekit MoE checkpoint for upcycled models, plus the
   tokenizer and processor files and `synergy_heads.safetensors` when heads trained;
 - `ffn_only`: only the decoder FFN tensors of a dense model, under the exact key names `save_pretrained` of
@@ -12,32 +12,26 @@ provenance) and `recipe.yaml` (the recipe that made it):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from moekit.arch import ArchAdapter, ffn_state_keys, resolve_arch
+from moekit.attach.position import save_weights
+from moekit.config.provenance import PROVENANCE_FILES, EncoderRef, Provenance, read_provenance, write_provenance
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
-from moekit.position import META_KEY, save_weights
 
 FORMATS = ("full", "ffn_only", "lora_adapter")
-NOT_COPIED = {"config.json", "generation_config.json", "moekit.json", "recipe.yaml", "model.safetensors.index.json"}
+NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", *PROVENANCE_FILES}
 
 
 def output_path(stage_dir: Path) -> Path:
     return stage_dir / "model"
-
-
-def read_stage_meta(path: Path) -> dict[str, Any] | None:
-    file = Path(path) / "moekit.json"
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_model(path: str | Path, *, where: str) -> nn.Module:
@@ -47,10 +41,10 @@ def load_model(path: str | Path, *, where: str) -> nn.Module:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{where}: {path} has no config.json; expected a local checkpoint directory")
-    meta = read_stage_meta(path)
-    if meta is not None and meta.get("format") != "full":
+    record = read_provenance(path)
+    if record is not None and record.format != "full":
         raise ValueError(
-            f"{where}: {path} holds a {meta.get('format')} output (stage {meta.get('stage')!r}), not a whole model; "
+            f"{where}: {path} holds a {record.format} output (stage {record.stage!r}), not a whole model; "
             "use it as an expert source of an upcycle step, or start from the stage it was trained from"
         )
     return load_any(path, dtype=torch.float32)
@@ -113,14 +107,6 @@ def read_ffn_state(path: str | Path, model: nn.Module, where: str) -> dict[str, 
     return out
 
 
-def _provenance(target: Path, fmt: str, meta: dict[str, Any], recipe: dict[str, Any]) -> None:
-    from moekit import __version__
-
-    record = {"format": fmt, "moekit_version": __version__, **meta}
-    (target / "moekit.json").write_text(json.dumps(record, indent=2) + "\n")
-    (target / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-
-
 def save_output(
     target: Path,
     fmt: str,
@@ -131,11 +117,11 @@ def save_output(
     encoders: tuple[list[dict[str, Any]], dict[str, torch.Tensor]] = ([], {}),
     tokenizer: Any | None,
     source_dir: Path | None,
-    meta: dict[str, Any],
+    record: Provenance,
     recipe: dict[str, Any],
 ) -> Path:
     """Write a stage's output. `model` supplies the config and key naming; `state` the trained weights (module
-    paths of `model`, gathered on the main process; LoRA already merged for `full`)."""
+    paths of `model`, gathered on the main process; LoRA already merged for `full`); `record` its provenance."""
     with atomic_dir(target) as tmp:
         if fmt == "ffn_only":
             adapter = resolve_arch(model)
@@ -143,7 +129,9 @@ def save_output(
                 raise ValueError("save: ffn_only is for dense specialists (stage 1-2); this model is an MoE model")
             keys = ffn_keys(model, adapter)
             model.save_pretrained(tmp, state_dict={k: state[k] for k in keys}, safe_serialization=True)
-            meta = {**meta, "layers": adapter.num_layers, "keys": sorted(saved_names(model, keys).values())}
+            record = record.model_copy(
+                update={"layers": adapter.num_layers, "keys": sorted(saved_names(model, keys).values())}
+            )
         elif fmt == "lora_adapter":
             model.save_pretrained(tmp, safe_serialization=True)
         else:
@@ -153,9 +141,9 @@ def save_output(
             refs, encoder_state = encoders
             if refs:
                 save_weights(tmp, encoder_state)
-                meta = {**meta, META_KEY: refs}
+                record = record.model_copy(update={"position_encoders": [EncoderRef(**r) for r in refs]})
             copy_side_files(source_dir, tmp, NOT_COPIED)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        _provenance(tmp, fmt, meta, recipe)
+        write_provenance(tmp, record.model_copy(update={"format": fmt}), recipe)
     return target

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from moekit.arch import ArchAdapter
+from moekit.config.record import MoeRecord
+from moekit.moe import MoeBlock, get_context
 from moekit.moe.context import TOKEN_KINDS, MoeContext
 from moekit.upcycle.spec import UpcycleSpec
 
@@ -118,14 +120,11 @@ def calibrate_router(
     layers see the routing of earlier ones. Experts without a modality keep their router rows. Returns, per
     layer, the experts whose rows were set.
     """
-    from moekit.moe import MoeBlock, get_context
-
-    meta = model.config.moekit
-    spec = meta["spec"]
-    modalities = [e.get("modality") for e in spec["experts"]]
+    record = MoeRecord.of(model.config)
+    modalities = record.expert_modalities
     if all(m is None for m in modalities):
         raise ValueError("no expert has a modality: name experts text/image/video/3d or set `modality` in the spec")
-    scale = spec["router"].get("prototype_scale", 1.0) if scale is None else scale
+    scale = record.prototype_scale if scale is None else scale
     context = get_context(model)
     collector = PrototypeCollector()
     blocks = {m.layer_index: m for m in model.modules() if isinstance(m, MoeBlock)}
@@ -158,6 +157,7 @@ def calibrate_router(
         for index, row in enumerate(rows):
             if row is not None:
                 block.gate.weight[index].copy_(row.to(block.gate.weight.dtype))
-                updated[layer].append(spec["experts"][index]["name"])
-    meta["router_calibration"] = {"scale": scale, "experts": sorted({n for v in updated.values() for n in v})}
+                updated[layer].append(record.experts[index])
+    record.router_calibration = {"scale": scale, "experts": sorted({n for v in updated.values() for n in v})}
+    model.config.moekit = record.to_json()
     return updated

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from moekit.components import ExpertInitRef
 from moekit.config import StrictModel, apply_overrides, load_yaml, parse_config
+from moekit.plugins.refs import ExpertInitRef
 from moekit.upcycle.layout import check_layout
 
 Modality = Literal["text", "image", "video", "3d"]
@@ -71,7 +71,7 @@ class RouterSpec(StrictModel):
     @classmethod
     def _known_init(cls, init: str) -> str:
         if init not in ROUTER_INITS:
-            from moekit.registry import registry
+            from moekit.plugins.registry import registry
 
             reg = registry()
             if init not in reg.components("router_init"):
@@ -85,7 +85,7 @@ class RouterSpec(StrictModel):
         if init in ROUTER_INITS and params:
             raise ValueError(f"the built-in router init {init!r} takes no params (they are for plug-in initialisers)")
         if init is not None and init not in ROUTER_INITS:
-            from moekit.registry import registry
+            from moekit.plugins.registry import registry
 
             registry().params_for("router_init", init, params)
         return params

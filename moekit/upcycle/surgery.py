@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
-from moekit.modeling.structure import FORMAT_VERSION, install_blocks, new_context
+from moekit.config.record import MoeRecord
+from moekit.modeling.classes import moekit_classes
+from moekit.modeling.structure import install_blocks, new_context
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight, run_expert_init
@@ -20,25 +22,21 @@ from moekit.upcycle.sources import ExpertSource, ModuleSource, as_source, check_
 from moekit.upcycle.spec import ROUTER_INITS, UpcycleSpec
 
 
-def build_meta(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, str]) -> dict[str, Any]:
+def build_record(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, Any]) -> MoeRecord:
     """The `config.moekit` record: everything needed to rebuild the MoE layout, plus provenance."""
-    from moekit import __version__
-
-    return {
-        "format": FORMAT_VERSION,
-        "version": __version__,
-        "base_model_type": adapter.model_type,
-        "auto": adapter.auto,
-        "num_layers": adapter.num_layers,
-        "hidden_size": adapter.hidden_size,
-        "intermediate_size": adapter.intermediate_size,
-        "biased": adapter.biased,
-        "layers": layers,
-        "arch": adapter.to_dict(),
-        "spec": spec.model_dump(mode="json"),
-        "experts": spec.expert_names,
-        "sources": sources,
-    }
+    return MoeRecord(
+        base_model_type=adapter.model_type,
+        auto=adapter.auto,
+        num_layers=adapter.num_layers,
+        hidden_size=adapter.hidden_size,
+        intermediate_size=adapter.intermediate_size,
+        biased=adapter.biased,
+        layers=layers,
+        arch=adapter.to_record(),
+        spec=spec.model_dump(mode="json"),
+        experts=spec.expert_names,
+        sources=sources,
+    )
 
 
 def _resolve_sources(
@@ -62,7 +60,7 @@ def _resolve_sources(
             resolved.append(None)
         else:
             from moekit.io.names import KeyNames
-            from moekit.io.sources import checkpoint_source
+            from moekit.upcycle.checkpoint_sources import checkpoint_source
 
             names = names or KeyNames(model)
             base = ModuleSource(model, adapter, "base")
@@ -77,17 +75,15 @@ def _resolve_sources(
     return resolved
 
 
-def _swap_classes(model: nn.Module, adapter: ArchAdapter, meta: dict[str, Any]) -> None:
+def _swap_classes(model: nn.Module, adapter: ArchAdapter, record: MoeRecord) -> None:
     """Make the model an instance of moekit's class for its family, in place.
 
     Rebuilding a fresh instance would hold two copies of the model; the moekit class adds only methods to the
     stock class, so swapping `__class__` on the existing objects is safe.
     """
-    from moekit.modeling.classes import moekit_classes
-
     config_cls, model_cls = moekit_classes(adapter.model_type)
     model.config.__class__ = config_cls
-    model.config.moekit = meta
+    model.config.moekit = record.to_json()
     model.__class__ = model_cls
 
 
@@ -135,14 +131,14 @@ def upcycle(
             stacklevel=2,
         )
     descriptions = {e.name: (s.description if s is not None else "base") for e, s in zip(spec.experts, resolved)}
-    meta = build_meta(spec, adapter, layers, descriptions)
+    record = build_record(spec, adapter, layers, descriptions)
     dense = {layer: ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn) for layer in layers}
-    context = new_context(meta)
-    blocks = install_blocks(model, meta, context)
+    context = new_context(record)
+    blocks = install_blocks(model, record, context)
     for layer, block in blocks.items():
         _fill_block(block, layer, spec, resolved, dense.pop(layer), expert_inits)
         _init_router(block, layer, spec, prototypes, router_init)
-    _swap_classes(model, adapter, meta)
+    _swap_classes(model, adapter, record)
     attach_context(model, context)
     return model
 
@@ -152,7 +148,7 @@ def _plugin_initialisers(spec: UpcycleSpec) -> tuple[list[Callable | None], Call
     experts = plugin_expert_inits(spec)
     router = None
     if spec.router.init not in ROUTER_INITS:
-        from moekit.registry import registry
+        from moekit.plugins.registry import registry
 
         router = registry().build("router_init", spec.router.init, spec.router.params, where="router")
     return experts, router

@@ -2,8 +2,8 @@
 
 import pytest
 
-from moekit.data.bundle import write_tiny_vlm
-from moekit.data.synth.writer import SynthSpec, write_synth
+from moekit.demo.bundle import write_tiny_vlm
+from moekit.demo.synth.writer import SynthSpec, write_synth
 
 SMALL = SynthSpec(images=6, videos=4, scenes=3, video_pairs=4, scene_pairs=3, eval_per_task=2, seed=7)
 

@@ -1,8 +1,8 @@
 import torch
 
 from moekit.data.config import FramesSpec
-from moekit.data.evaluate import final_answer_logprobs, normalise_answer, score_choices, score_generated
 from moekit.data.schema import Sample
+from moekit.evaluate.choices import final_answer_logprobs, normalise_answer, score_choices, score_generated
 
 
 def _mc(sid, answer, choices, task="colour"):
@@ -30,7 +30,7 @@ def test_final_answer_logprobs_only_count_the_last_answer():
 
 def test_ranking_follows_the_model(preprocessor):
     """A real tiny model whose output head is biased towards 'blue': ranking must pick blue, and only blue."""
-    from moekit.tiny import tiny_model
+    from moekit.demo.tiny import tiny_model
 
     model = tiny_model("qwen2")
     model.resize_token_embeddings(len(preprocessor.tokenizer))

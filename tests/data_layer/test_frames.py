@@ -64,7 +64,7 @@ def test_mp4_without_pyav_names_the_extra(tmp_path, monkeypatch):
 
 def test_mp4_round_trip(tmp_path):
     pytest.importorskip("av")
-    from moekit.data.synth.mp4 import write_mp4
+    from moekit.demo.synth.mp4 import write_mp4
 
     frames = [np.full((48, 64, 3), (0, 0, 0) if t < 6 else (200, 200, 200), dtype=np.uint8) for t in range(12)]
     write_mp4(tmp_path / "clip.mp4", frames)

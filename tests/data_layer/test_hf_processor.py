@@ -12,9 +12,9 @@ from moekit.data.schema import Sample
 def test_llava_through_its_processor(tmp_path, synth_dir):
     from transformers import AutoModelForImageTextToText, CLIPImageProcessorPil, LlavaProcessor
 
-    from moekit.data.bundle import build_tokenizer
-    from moekit.data.synth.vocab import vocabulary
-    from moekit.tiny import tiny_config
+    from moekit.demo.bundle import build_tokenizer
+    from moekit.demo.synth.vocab import vocabulary
+    from moekit.demo.tiny import tiny_config
 
     tokenizer = build_tokenizer(vocabulary(), ["<image>"])
     config = tiny_config("llava")

@@ -3,7 +3,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from moekit.data import split_batch
+from moekit.data import Preprocessor, split_batch
 from moekit.data.config import DataConfig
 from moekit.data.loader import build_loader
 from moekit.data.teacher_features import DictFeatures, open_teacher_cache
@@ -48,7 +48,8 @@ def test_scene_geometry_matches_the_student_frames(bundle, synth_dir):
 
 
 def test_pairs_carry_teacher_inputs_and_synergy_tokens(bundle, synth_dir):
-    loader = build_loader(_config(synth_dir, ["stage2_1_pairs"], synergy_tokens=3), bundle, split="eval")
+    preprocessor = Preprocessor.from_dir(bundle, synergy_tokens=["<synergy>"])  # a head's one token, repeated
+    loader = build_loader(_config(synth_dir, ["stage2_1_pairs"], synergy_tokens=3), preprocessor, split="eval")
     tokenizer = loader.dataset.parts[0].preprocessor.tokenizer
     synergy = tokenizer.convert_tokens_to_ids("<synergy>")
     kinds = set()

@@ -10,15 +10,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import moekit
-from moekit.analysis.routes import collect_routes
+from moekit.attach.position import feeding, load_encoders
 from moekit.cli.app import app
 from moekit.data.config import DataConfig
-from moekit.data.evaluate import read_choice_samples, score_choices
 from moekit.data.loader import build_dataset
 from moekit.data.preprocess import Preprocessor
-from moekit.io.convert import convert
-from moekit.position import feeding, load_encoders
+from moekit.evaluate.choices import read_choice_samples, score_choices
+from moekit.evaluate.routes import collect_routes
 from moekit.train.outputs import load_model
+from moekit.upcycle.convert import convert
 
 from ..recipes import losses, run, write_recipe
 

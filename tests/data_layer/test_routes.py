@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli.app import app
-from moekit.data.bundle import copy_processing_files
+from moekit.demo.bundle import copy_processing_files
 
 
 def _upcycled(bundle, out):

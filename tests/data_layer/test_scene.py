@@ -4,7 +4,7 @@ from PIL import Image
 
 from moekit.data.config import FramesSpec
 from moekit.data.scene import read_scene, scale_intrinsics, write_scene
-from moekit.data.synth import render3d
+from moekit.demo.synth import render3d
 
 
 def _backproject(depth: np.ndarray, k: np.ndarray, pose: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@ import hashlib
 import json
 
 from moekit.data.schema import parse_sample, read_records
-from moekit.data.synth.vocab import NUMBERS, vocabulary, words_of
-from moekit.data.synth.writer import SynthSpec, write_synth
+from moekit.demo.synth.vocab import NUMBERS, vocabulary, words_of
+from moekit.demo.synth.writer import SynthSpec, write_synth
 
 from .conftest import SMALL
 
@@ -30,7 +30,7 @@ def _digest(folder):
 
 
 def test_structure_and_schema(synth_dir):
-    manifest = json.loads((synth_dir / "synth.json").read_text())
+    manifest = json.loads((synth_dir / "moekit.json").read_text())["params"]
     assert manifest["files"] == FILES and manifest["spec"] == SMALL.model_dump()
     for name in FILES:
         samples = (
@@ -110,7 +110,7 @@ def test_cli_writes_and_validates(tmp_path):
     args += ["--video-pairs", "1", "--scene-pairs", "1", "--eval-per-task", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "s" / "synth.json").read_text())["files"]["stage1_2_image.jsonl"] == 2
+    assert json.loads((tmp_path / "s" / "moekit.json").read_text())["params"]["files"]["stage1_2_image.jsonl"] == 2
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "t"), "--width", "20"])

@@ -71,6 +71,11 @@ class PolyVSynergyHead(nn.Module):
         self.projectors = nn.ModuleDict()
 
     @property
+    def placeholder_tokens(self) -> list[str]:
+        """The K tokens the data layer places after the student's image (moekit.attach.synergy)."""
+        return list(self.tokens)
+
+    @property
     def text(self) -> str:
         """The K synergy tokens as one string, to place in the prompt where the model should 'think'."""
         return "".join(self.tokens)

@@ -3,7 +3,7 @@
     vjepa2   V-JEPA 2 video encoder (transformers' VJEPA2Model), temporal features
     vggt     VGGT aggregator (own implementation of the released checkpoint's layout), 3D features
 
-Both follow `moekit.teachers.interface`: `build(params)` returns an object with `name`, `dim`, `num_frames` and
+Both follow `moekit.attach.teachers.interface`: `build(params)` returns an object with `name`, `dim`, `num_frames` and
 `features(TeacherBatch) -> TeacherOutput` (features `[B, N, D]` plus grid, frames used and pooling). Params are
 strict pydantic models; weights load only from the local `checkpoint` path. Importing this module is cheap: the
 models load when a teacher is built.

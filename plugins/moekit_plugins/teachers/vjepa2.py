@@ -16,7 +16,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from moekit.teachers.interface import TeacherBatch, TeacherOutput
+from moekit.attach.teachers.interface import TeacherBatch, TeacherOutput
 from moekit_plugins.teachers.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -18,7 +18,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from moekit.teachers.interface import TeacherBatch, TeacherOutput
+from moekit.attach.teachers.interface import TeacherBatch, TeacherOutput
 from moekit_plugins.teachers.common import TeacherParams, at_most, center_crop, pool, resize
 from moekit_plugins.teachers.vggt.config import VGGTArch
 

@@ -7,7 +7,6 @@ transformers' own reverse weight conversion, so moekit keeps no second copy of t
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,15 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 
+from moekit.config.provenance import PROVENANCE_FILES, Provenance, read_provenance, write_provenance
+from moekit.config.record import MoeRecord
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
 from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames, _Probe
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointReader
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
-from moekit.modeling.load import read_meta
+from moekit.modeling.load import read_record
 from moekit.modeling.meta_model import meta_model, read_config
 
 TWINS = {"qwen3_vl": "qwen3_vl_moe", "qwen3": "qwen3_moe", "llama": "mixtral", "mistral": "mixtral"}
@@ -54,23 +55,23 @@ def _text_fields(config: PreTrainedConfig) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in DROP_KEYS and not k.startswith("_")}
 
 
-def native_config(config: PreTrainedConfig, meta: dict[str, Any]) -> PreTrainedConfig:
+def native_config(config: PreTrainedConfig, record: MoeRecord) -> PreTrainedConfig:
     """The stock twin's config for a moekit config (raises ExportError when there is none)."""
-    base = meta["base_model_type"]
-    spec = meta["spec"]
+    base = record.base_model_type
     twin = TWINS.get(base)
     if twin is None:
         raise ExportError(
             f"{base} has no stock MoE twin in transformers, so only moekit can load it (moekit.load). Exportable: {SUPPORTED}"
         )
-    if spec.get("shared_expert"):
+    if record.shared_expert:
         raise ExportError(f"{twin} has no shared expert; this checkpoint has one. Exportable: {SUPPORTED}")
-    if meta["biased"] or meta["arch"]["ffn"]["kind"] != "gated":
+    if record.biased or record.arch.ffn.kind != "gated":
         raise ExportError(
-            f"{twin} experts are bias-free SwiGLU; this checkpoint's FFN is {meta['arch']['ffn']['kind']} with biases={meta['biased']}"
+            f"{twin} experts are bias-free SwiGLU; this checkpoint's FFN is {record.arch.ffn.kind} with "
+            f"biases={record.biased}"
         )
-    num_layers, layers = meta["num_layers"], meta["layers"]
-    moe = {"num_experts_per_tok": spec["top_k"]}
+    num_layers, layers = record.num_layers, record.layers
+    moe = {"num_experts_per_tok": record.top_k}
     if twin == "mixtral":
         if layers != list(range(num_layers)):
             raise ExportError(
@@ -82,20 +83,20 @@ def native_config(config: PreTrainedConfig, meta: dict[str, Any]) -> PreTrainedC
             raise ExportError("mixtral has no attention or MLP biases; this llama config uses them")
         text.update(
             moe,
-            num_local_experts=spec["num_experts"],
-            intermediate_size=meta["intermediate_size"],
-            router_aux_loss_coef=spec.get("aux_loss_coef", 0.0),
+            num_local_experts=record.num_experts,
+            intermediate_size=record.intermediate_size,
+            router_aux_loss_coef=record.aux_loss_coef,
         )
         for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
             text.pop(key, None)
         return AutoConfig.for_model("mixtral", **text)
     step, mlp_only = sparse_layout(layers, num_layers)
     moe.update(
-        num_experts=spec["num_experts"],
-        moe_intermediate_size=meta["intermediate_size"],
+        num_experts=record.num_experts,
+        moe_intermediate_size=record.intermediate_size,
         decoder_sparse_step=step,
         mlp_only_layers=mlp_only,
-        router_aux_loss_coef=spec.get("aux_loss_coef", 0.0),
+        router_aux_loss_coef=record.aux_loss_coef,
     )
     if twin == "qwen3_moe":
         text = _text_fields(config)
@@ -133,9 +134,9 @@ def export_native(
 ) -> Path:
     """Write the stock-twin checkpoint of the moekit checkpoint `source` to `output` (atomically)."""
     source, output = Path(source), Path(output)
-    meta = read_meta(source)
+    record = read_record(source)
     config = read_config(source)
-    target = native_config(config, meta)
+    target = native_config(config, record)
     if not overwrite and is_nonempty_dir(output):
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
     reader = CheckpointReader(source)
@@ -199,14 +200,23 @@ def export_native(
     total = sum(s.nbytes for s in shards)
     with (
         atomic_dir(output, overwrite=overwrite) as tmp,
-        ConversionProgress(total, meta["num_layers"], {}, enabled=progress) as bar,
+        ConversionProgress(total, record.num_layers, {}, enabled=progress) as bar,
     ):
         for shard in shards:
             write_shard(tmp / shard.name, shard, {"format": "pt"}, on_tensor=bar.advance)
         write_index(tmp, shards)
         target.architectures = [type(stock).__name__]
         target.save_pretrained(tmp)
-        copy_side_files(source, tmp, ("config.json",))
-        if (source / "moekit.yaml").is_file():
-            shutil.copy2(source / "moekit.yaml", tmp / "moekit.yaml")
+        copy_side_files(source, tmp, ("config.json", *PROVENANCE_FILES))
+        made = read_provenance(source)
+        write_provenance(
+            tmp,
+            Provenance(
+                made_by="moekit export --native",
+                spec=made.spec if made else record.spec,
+                sources=made.sources if made else record.sources,
+                moe_layers=record.layers,
+                params={"source": str(source.resolve()), "target": target.model_type},
+            ),
+        )
     return output

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from moekit.data.synth.vocab import BACKGROUNDS, COLOURS, SHAPES_2D
+from moekit.demo.synth.vocab import BACKGROUNDS, COLOURS, SHAPES_2D
 
 RADIUS = 11  # half-size of a shape in pixels at the default 112x84 canvas
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.data.synth.vocab import BACKGROUNDS, COLOURS, DIRECTIONS, NUMBERS, SHAPES_2D, TEMPLATES
+from moekit.demo.synth.vocab import BACKGROUNDS, COLOURS, DIRECTIONS, NUMBERS, SHAPES_2D, TEMPLATES
 
 MIN_VISIBLE = 12  # pixels of an object that count as "seen" in a view
 

@@ -13,14 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
+from moekit._version import __version__
+from moekit.attach.position import feeding
+from moekit.config.record import MoeRecord
 from moekit.data.collate import Collator, split_batch
 from moekit.data.config import DataConfig
 from moekit.data.dataset import MixtureDataset
 from moekit.data.schema import BadSample
+from moekit.evaluate.plots import plot_shares
+from moekit.io.atomic import atomic_dir
 from moekit.moe import RoutingStats
 from moekit.moe.context import get_context
-from moekit.position import feeding
 
 
 class _Tee:
@@ -35,8 +40,8 @@ class _Tee:
 
 
 def expert_names(model: Any) -> list[str] | None:
-    meta = getattr(model.config, "moekit", None) or {}
-    return meta.get("experts")
+    record = MoeRecord.of(model.config)
+    return record.experts if record is not None else None
 
 
 @torch.no_grad()
@@ -69,7 +74,7 @@ def collect_routes(
             counts[part.spec.name][modality] = len(items)
             for start in range(0, len(items), batch_size):
                 inputs, extras = split_batch(collate(items[start : start + batch_size]))
-                inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                inputs = send_to_device(inputs, device)
                 inputs.pop("labels", None)
                 previous = context.stats, context.sample_modalities
                 context.stats, context.sample_modalities = (
@@ -108,8 +113,6 @@ def routes_report(
     experts: list[str] | None,
     model_path: str,
 ) -> dict[str, Any]:
-    from moekit import __version__
-
     def entry(stats: RoutingStats, samples: int) -> dict[str, Any]:
         return {"samples": samples, "expert_share": expert_shares(stats), "stats": stats.to_dict()}
 
@@ -138,9 +141,6 @@ def write_routes(
     encoders: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collect, then write `routes.json`, `routes_by_dataset.png` and `routes_by_modality.png` into `out`."""
-    from moekit.analysis.plots import plot_shares
-    from moekit.io.atomic import atomic_dir
-
     by_dataset, by_modality, counts = collect_routes(
         model, dataset, batch_size=batch_size, max_samples=max_samples, encoders=encoders
     )

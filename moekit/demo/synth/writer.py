@@ -16,7 +16,7 @@ Files (JSONL in the LLaVA-style schema of `moekit.data.schema`, media under `med
     eval.jsonl               held-out multiple-choice questions with `choices`: colour, count, background (images),
                              motion (videos), nearer (a view of a 3D scene), scene_count (a multi-view 3D scene
                              with depth and poses, fed as a video)
-    synth.json               the spec, the files, sample counts and the moekit version
+    moekit.json              provenance: the moekit version and, as `params`, the spec and each file's sample count
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from PIL import Image
 from pydantic import Field
 
 from moekit.config import StrictModel
+from moekit.config.provenance import Provenance, write_provenance
 from moekit.data.scene import write_scene
-from moekit.data.synth import draw2d, render3d
-from moekit.data.synth.questions import (
+from moekit.demo.synth import draw2d, render3d
+from moekit.demo.synth.questions import (
     MIN_VISIBLE,
     QA,
     image_questions,
@@ -42,7 +43,7 @@ from moekit.data.synth.questions import (
     video_questions,
     view_questions,
 )
-from moekit.data.synth.vocab import TEMPLATES
+from moekit.demo.synth.vocab import TEMPLATES
 from moekit.io.atomic import atomic_dir
 
 EVAL_TASKS = ("colour", "count", "background", "motion", "nearer", "scene_count")
@@ -91,7 +92,7 @@ class _Writer:
 
     def video(self, rel: str, frames: list[np.ndarray]) -> str:
         if self.spec.mp4:
-            from moekit.data.synth.mp4 import write_mp4
+            from moekit.demo.synth.mp4 import write_mp4
 
             (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
             write_mp4(self.root / f"{rel}.mp4", frames)
@@ -291,9 +292,8 @@ def _choices(qa: QA, rng: np.random.Generator, most: int = 4) -> list[str]:
 
 
 def write_synth(out: str | Path, spec: SynthSpec | None = None, overwrite: bool = False) -> dict:
-    """Write the dataset to `out` (atomically) and return its manifest."""
-    from moekit import __version__
-
+    """Write the dataset to `out` (atomically) and return its manifest (`spec` and sample count per `files`),
+    which its `moekit.json` keeps as `params`."""
     spec = spec or SynthSpec()
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(6)]
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -304,10 +304,8 @@ def write_synth(out: str | Path, spec: SynthSpec | None = None, overwrite: bool 
         for name, samples in w.files.items():
             (tmp / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
         manifest = {
-            "format": "moekit-synth",
-            "moekit_version": __version__,
             "spec": spec.model_dump(),
             "files": {name: len(samples) for name, samples in sorted(w.files.items())},
         }
-        (tmp / "synth.json").write_text(json.dumps(manifest, indent=2))
+        write_provenance(tmp, Provenance(made_by="moekit synth", params=manifest))
     return manifest

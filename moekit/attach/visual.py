@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.arch.adapter import ArchError
-from moekit.arch.families import FAMILIES, VisualSite, family_for
+from moekit.arch import FAMILIES, ArchError, VisualSite, family_for
+from moekit.config.record import dense_model_type
 
 VisualKind = Literal["image", "video"]
 
@@ -113,10 +113,7 @@ def visual_site(model: nn.Module) -> tuple[VisualSite, nn.Module]:
 
     Raises ArchError explaining which families moekit knows this for, and how a plug-in adds one.
     """
-    config = model.config
-    model_type = config.model_type
-    if isinstance(getattr(config, "moekit", None), dict):
-        model_type = config.moekit["base_model_type"]
+    model_type = dense_model_type(model.config)
     family = family_for(model_type)
     site = family.visual if family is not None else None
     if site is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.data.synth.vocab import COLOURS
+from moekit.demo.synth.vocab import COLOURS
 
 FLOOR, SKY = (170, 160, 145), (70, 90, 120)
 FLOOR_HALF = 4.0  # the floor is the square |x|, |y| <= FLOOR_HALF

@@ -2,7 +2,7 @@
 
 The folder loads back with `from_pretrained` (model, `AutoTokenizer`) and with `moekit.data.Preprocessor.from_dir`,
 so the whole PolyV pipeline can run on CPU with no download. The vocabulary is the synthetic data's words
-(`moekit.data.synth.vocabulary()`) plus the model's special tokens; the chat template is ChatML like Qwen's.
+(`moekit.demo.synth.vocabulary()`) plus the model's special tokens; the chat template is ChatML like Qwen's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from moekit.config.provenance import Provenance, write_provenance
 from moekit.data.qwen_vision import QwenPixelConfig
+from moekit.demo.tiny import tiny_config
 from moekit.io.atomic import atomic_dir
 
 SPECIALS = [
@@ -71,8 +73,7 @@ def build_tokenizer(words: Iterable[str], extra_specials: Iterable[str] = ()):
 
 
 def tiny_vlm_config(vocab_size: int, ids: dict[str, int], hidden_size: int = 64, layers: int = 4):
-    """A small Qwen2.5-VL config (moekit.tiny's, wider) whose special ids match the tokenizer."""
-    from moekit.tiny import tiny_config
+    """A small Qwen2.5-VL config (moekit.demo.tiny's, wider) whose special ids match the tokenizer."""
 
     config = tiny_config("qwen2_5_vl")
     heads = 4
@@ -109,8 +110,7 @@ def write_tiny_vlm(
     """Write the tiny bundle to `out` (atomically); `words` default to the synthetic data's vocabulary."""
     from transformers import AutoModelForImageTextToText
 
-    from moekit import __version__
-    from moekit.data.synth.vocab import vocabulary
+    from moekit.demo.synth.vocab import vocabulary
 
     if hidden_size % 16:
         raise ValueError(f"hidden_size={hidden_size}: use a multiple of 16 (4 heads, 3-axis rotary sections)")
@@ -123,8 +123,8 @@ def write_tiny_vlm(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "preprocessor_config.json").write_text(json.dumps(TINY_PIXELS.to_json(), indent=2))
-        record = {"moekit_version": __version__, "hidden_size": hidden_size, "layers": layers, "seed": seed}
-        (tmp / "moekit_bundle.json").write_text(json.dumps(record, indent=2))
+        params = {"hidden_size": hidden_size, "layers": layers, "seed": seed}
+        write_provenance(tmp, Provenance(made_by="moekit tiny-vlm", params=params))
     return Path(out)
 
 

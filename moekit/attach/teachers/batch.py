@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.recipe.schema import ComponentRef
+from moekit.plugins.refs import TeacherRef
 
 
-def build_teachers(refs: dict[str, ComponentRef], where: str, device: torch.device) -> dict[str, Any]:
+def build_teachers(refs: dict[str, TeacherRef], where: str, device: torch.device) -> dict[str, Any]:
     """One frozen teacher per slot, from the plug-in registry (kind `teacher`)."""
-    from moekit.registry import registry
+    from moekit.plugins.registry import registry
 
     teachers = {}
     for slot, ref in refs.items():
@@ -43,7 +43,7 @@ SLOT_PATHS = {"video": "temporal", "scene": "spatial"}
 
 
 def _sample_features(sample: dict | None, slot: str, teacher: Any) -> torch.Tensor | None:
-    from moekit.teachers.interface import TeacherBatch
+    from moekit.attach.teachers.interface import TeacherBatch
 
     if not sample:
         return None

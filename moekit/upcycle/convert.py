@@ -18,24 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from moekit.arch import ArchAdapter, resolve_arch
+from moekit.config.provenance import ENCODERS_FILE, PROVENANCE_FILES, Provenance, read_provenance, write_provenance
+from moekit.config.record import MoeRecord
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
 from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointError, CheckpointReader
-from moekit.io.sources import CheckpointSource, LoraSource, checkpoint_source
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
+from moekit.modeling.classes import moekit_classes
 from moekit.modeling.meta_model import meta_model, read_config
-from moekit.position import carry_encoders
+from moekit.upcycle.checkpoint_sources import CheckpointSource, LoraSource, checkpoint_source
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
-
-# A stage output's provenance (moekit.json, recipe.yaml) describes the base, not this checkpoint.
-SKIP_FILES = ("config.json", "moekit.yaml", "moekit.json", "recipe.yaml")
+from moekit.upcycle.surgery import build_record
 
 
 @dataclass
@@ -311,14 +310,12 @@ def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
-def _check_complete(plan: _Plan, planned: list[PlannedTensor], meta: dict[str, Any]) -> None:
+def _check_complete(plan: _Plan, planned: list[PlannedTensor], record: MoeRecord) -> None:
     """Every parameter and persistent buffer of the MoE model must be in the plan (tied aliases excepted)."""
-    from moekit.modeling.classes import moekit_classes
-
     config_cls, _ = moekit_classes(plan.adapter.model_type)
     config = read_config(plan.base_dir)
     config.__class__ = config_cls
-    config.moekit = meta
+    config.moekit = record.to_json()
     model = meta_model(config)
     names = KeyNames(model)
     planned_keys = {t.key for t in planned}
@@ -334,6 +331,24 @@ def _check_complete(plan: _Plan, planned: list[PlannedTensor], meta: dict[str, A
         raise CheckpointError(f"{plan.base_dir}: the base checkpoint lacks tensors the model needs: {missing[:8]}")
 
 
+def _provenance(plan: _Plan, spec: UpcycleSpec, sources: dict[str, Any], tmp: Path) -> Provenance:
+    """The output's `moekit.json`; the position encoders saved with the base travel with it (weights into `tmp`,
+    the folder being written, and refs)."""
+    encoders = []
+    base = read_provenance(plan.base_dir)
+    if base is not None and base.position_encoders:
+        encoders = base.position_encoders
+        if (plan.base_dir / ENCODERS_FILE).is_file():
+            shutil.copy2(plan.base_dir / ENCODERS_FILE, tmp / ENCODERS_FILE)
+    return Provenance(
+        made_by="moekit upcycle",
+        spec=spec.model_dump(mode="json"),
+        sources=sources,
+        moe_layers=plan.layers,
+        position_encoders=encoders,
+    )
+
+
 def convert(
     spec: UpcycleSpec,
     output: str | Path,
@@ -346,10 +361,6 @@ def convert(
     max_shard_bytes: int = 4 * 1024**3,
 ) -> ConversionReport:
     """Upcycle the checkpoint `spec.base` into an MoE checkpoint at `output`, streaming shard by shard."""
-    from moekit import __version__
-    from moekit.modeling.classes import moekit_classes
-    from moekit.upcycle.surgery import build_meta
-
     start = time.perf_counter()
     output = Path(output)
     if not overwrite and is_nonempty_dir(output):
@@ -372,9 +383,9 @@ def convert(
                 "kind": kind,
                 "fingerprint": reader.fingerprint(),
             }
-    meta = build_meta(spec, plan.adapter, plan.layers, sources)
+    record = build_record(spec, plan.adapter, plan.layers, sources)
     planned, layer_keys = _planned_tensors(plan)
-    _check_complete(plan, planned, meta)
+    _check_complete(plan, planned, record)
     shards = plan_shards(planned, max_shard_bytes)
     total = sum(s.nbytes for s in shards)
     free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
@@ -392,20 +403,13 @@ def convert(
         write_index(tmp, shards)
         config = plan.config
         config.__class__ = config_cls
-        config.moekit = meta
+        config.moekit = record.to_json()
         config.architectures = [model_cls.__name__]
         if dtype is not None:
             config.dtype = dtype
         config.save_pretrained(tmp)
-        copy_side_files(plan.base_dir, tmp, SKIP_FILES)
-        record = {
-            "moekit_version": __version__,
-            "spec": spec.model_dump(mode="json"),
-            "sources": sources,
-            "moe_layers": plan.layers,
-        }
-        (tmp / "moekit.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-        carry_encoders(plan.base_dir, tmp, {"moekit_version": __version__, "made_by": "moekit upcycle"})
+        copy_side_files(plan.base_dir, tmp, ("config.json", *PROVENANCE_FILES))
+        write_provenance(tmp, _provenance(plan, spec, sources, tmp))
     report.bytes_written = total
     report.seconds = time.perf_counter() - start
     return report

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
+from moekit.attach.position import feeding
 from moekit.data.chat import IGNORE
 from moekit.data.collate import Collator, split_batch
 from moekit.data.config import FramesSpec
 from moekit.data.media import load_media
 from moekit.data.preprocess import Preprocessor
 from moekit.data.schema import Sample, parse_sample, read_records
-from moekit.position import feeding
 
 Normalise = Literal["sum", "mean"]
 
@@ -70,7 +71,7 @@ def score_choices(
 ) -> dict[str, Any]:
     """Rank each sample's choices with `model`; returns accuracy overall and per task, and per-sample details.
 
-    `encoders`: position encoders attached to `model` (`moekit.position.load_encoders`), fed each sample's geometry.
+    `encoders`: position encoders attached to `model` (`moekit.attach.position.load_encoders`), fed each sample's geometry.
     """
     frames = frames or FramesSpec()
     collate = Collator(preprocessor.pad_id)
@@ -84,7 +85,7 @@ def score_choices(
             variant.conversations[-1].value = choice
             items.append(preprocessor.encode(variant, media, max_length))
         inputs, extras = split_batch(collate(items))
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs = send_to_device(inputs, device)
         labels = inputs.pop("labels")
         with feeding(encoders or {}, model, inputs["input_ids"], extras.get("geometry")):
             logits = model(**inputs).logits

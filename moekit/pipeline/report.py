@@ -2,7 +2,7 @@
 
 - `loss_curves.png`: every logged loss term of every stage (from `<stage>/logs/metrics.jsonl`);
 - `accuracy.png` and a table: held-out multiple-choice accuracy of the base, the chosen stages and the final
-  model, per task (answer log-likelihood ranking, `moekit.data.evaluate`);
+  model, per task (answer log-likelihood ranking, `moekit.evaluate.choices`);
 - `routes/`: routing share per expert per dataset and per modality of the final MoE model (PolyV Fig. 5-6);
 - a parameter table (total vs activated) of the base and the final model;
 - `report.md` and `report.json` with all numbers, and the wall time of each stage.
@@ -17,8 +17,16 @@ from typing import Any
 
 import torch
 
+from moekit.arch import resolve_arch
+from moekit.data.config import DataConfig
+from moekit.data.loader import build_dataset
+from moekit.evaluate.choices import read_choice_samples, score_choices
+from moekit.evaluate.model_dir import open_model_dir
+from moekit.evaluate.routes import write_routes
 from moekit.io.atomic import atomic_dir
-from moekit.report.plots import plot_accuracy, plot_losses
+from moekit.modeling.meta_model import meta_model, read_config
+from moekit.moe.accounting import account
+from moekit.pipeline.report_plots import plot_accuracy, plot_losses
 
 
 def read_log(stage_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], float | None]:
@@ -42,10 +50,6 @@ def read_log(stage_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], float
 
 
 def _parameters(path: Path) -> dict[str, Any]:
-    from moekit.accounting import account
-    from moekit.arch import resolve_arch
-    from moekit.modeling.meta_model import meta_model, read_config
-
     model = meta_model(read_config(path))
     adapter = resolve_arch(model)
     result = account(model, adapter.layers, adapter.mlp)
@@ -54,33 +58,21 @@ def _parameters(path: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def _accuracy(path: Path, eval_file: Path) -> dict[str, Any]:
-    from moekit.data.evaluate import read_choice_samples, score_choices
-    from moekit.data.preprocess import Preprocessor
-    from moekit.modeling.load import load_any
-    from moekit.position import load_encoders
-
-    model = load_any(path)
+    opened = open_model_dir(path)
     samples = read_choice_samples(eval_file)
-    encoders = load_encoders(path, model)
-    report = score_choices(model, Preprocessor.from_dir(path), samples, eval_file.parent, encoders=encoders)
+    report = score_choices(opened.model, opened.preprocessor, samples, eval_file.parent, encoders=opened.encoders)
     report.pop("samples", None)
     return report
 
 
 def _routes(path: Path, files: list[str], out: Path, max_samples: int | None) -> dict[str, Any]:
-    from moekit.analysis.routes import write_routes
-    from moekit.data.config import DataConfig
-    from moekit.data.loader import build_dataset
-    from moekit.data.preprocess import Preprocessor
-    from moekit.modeling.load import load
-    from moekit.position import load_encoders
-
     config = DataConfig(datasets=[{"name": Path(f).stem, "path": f} for f in files], bad_samples="skip")
-    model = load(path).eval()
-    encoders = load_encoders(path, model)
-    dataset = build_dataset(config, Preprocessor.from_dir(path))
+    opened = open_model_dir(path, moe=True)
+    dataset = build_dataset(config, opened.preprocessor)
     with torch.no_grad():
-        report = write_routes(model, dataset, out, str(path), max_samples=max_samples, config=config, encoders=encoders)
+        report = write_routes(
+            opened.model, dataset, out, str(path), max_samples=max_samples, config=config, encoders=opened.encoders
+        )
     return {k: {"samples": v["samples"], "expert_share": v["expert_share"]} for k, v in report["modalities"].items()}
 
 

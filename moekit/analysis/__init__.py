@@ -1,1 +1,0 @@
-"""Analyses of trained MoE models (routing distributions)."""
