@@ -1,5 +1,5 @@
 """Moved to `moekit.plugins.registry` in moekit 0.2; this path warns and goes away in 0.3."""
 
-from moekit.config.deprecation import moved_module
+from moekit.config.deprecation import moved
 
-__getattr__ = moved_module(__name__, "moekit.plugins.registry")
+__getattr__ = moved(__name__, "moekit.plugins.registry")

@@ -5,40 +5,25 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 REMOVED_IN = "0.3"
 
 
-def moved(old_module: str, names: dict[str, str]) -> Callable[[str], Any]:
-    """`__getattr__` for `old_module`: each name in `names` is served from the module named beside it."""
+def moved(old_module: str, names: Mapping[str, str] | str) -> Callable[[str], Any]:
+    """`__getattr__` for `old_module`: each name in `names` is served from the module named beside it, or every
+    public name from `names` when it is one module (a whole module that moved)."""
 
     def __getattr__(name: str) -> Any:
-        if name not in names:
+        target = names if isinstance(names, str) else names.get(name)
+        if target is None or name.startswith("__"):
             raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
-        target = names[name]
         warnings.warn(
             f"{old_module}.{name} moved to {target}.{name}; the old path goes away in moekit {REMOVED_IN}",
             DeprecationWarning,
             stacklevel=2,
         )
         return getattr(importlib.import_module(target), name)
-
-    return __getattr__
-
-
-def moved_module(old_module: str, new_module: str) -> Callable[[str], Any]:
-    """`__getattr__` for a whole module that moved: every public name comes from `new_module`."""
-
-    def __getattr__(name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        warnings.warn(
-            f"{old_module} moved to {new_module}; the old path goes away in moekit {REMOVED_IN}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(new_module), name)
 
     return __getattr__

@@ -14,12 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import pydantic
 import yaml
 from pydantic import Field
 
 from moekit._version import __version__
-from moekit.config.base import ConfigError, StrictModel, located_problems
+from moekit.config.base import StrictModel, parse_config
 
 FILE = "moekit.json"
 RECIPE_FILE = "recipe.yaml"
@@ -106,9 +105,4 @@ def read_provenance(folder: str | Path) -> Provenance | None:
 
 
 def _parse(data: Any, source: str) -> Provenance:
-    if not isinstance(data, dict):
-        raise ConfigError(source, [("<root>", f"expected a mapping, got {type(data).__name__}")])
-    try:
-        return Provenance.model_validate(data)
-    except pydantic.ValidationError as exc:
-        raise ConfigError(source, located_problems(exc)) from None
+    return parse_config(Provenance, data, source=source)

@@ -14,7 +14,7 @@ import pydantic
 from pydantic import Field
 
 from moekit._version import __version__
-from moekit.config.base import ConfigError, StrictModel, located_problems
+from moekit.config.base import StrictModel, parse_config
 
 RECORD_FORMAT = 1
 PREFIX = "moekit_"  # moekit's model types: `moekit_<dense model type>`, refused by stock transformers
@@ -70,12 +70,7 @@ class MoeRecord(StrictModel):
 
     @classmethod
     def parse(cls, data: Any, source: str = "moekit record") -> MoeRecord:
-        if not isinstance(data, dict):
-            raise ConfigError(source, [("<root>", f"expected a mapping, got {type(data).__name__}")])
-        try:
-            return cls.model_validate(data)
-        except pydantic.ValidationError as exc:
-            raise ConfigError(source, located_problems(exc)) from None
+        return parse_config(cls, data, source=source)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form kept in `config.moekit` (with the running moekit's version)."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from moekit.data.chat import IGNORE
 
@@ -25,17 +26,12 @@ class Collator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        length = max(int(item["input_ids"].numel()) for item in items)
         batch: dict[str, Any] = {}
         for key, pad in TOKEN_KEYS.items():
             if key not in items[0]:
                 continue
             value = self.pad_id if pad is None else pad
-            rows = [item[key] for item in items]
-            out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
-            for r, row in enumerate(rows):
-                out[r, : row.numel()] = row
-            batch[key] = out
+            batch[key] = pad_sequence([item[key] for item in items], batch_first=True, padding_value=value)
         keys = {k for item in items for k in item} - set(TOKEN_KEYS)
         for key in sorted(keys):
             name = _SINGULAR.get(key, key)

@@ -17,9 +17,9 @@ from typing import Any
 import pluggy
 import pydantic
 
-from moekit.plugins import hooks
 from moekit.config import ConfigError
 from moekit.config.base import located_problems
+from moekit.plugins import hooks
 from moekit.plugins.family import Family
 from moekit.plugins.hooks import ARCH_HOOK, HOOK_KINDS, NAME, Component, Kind
 
