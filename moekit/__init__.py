@@ -7,13 +7,13 @@ model = moekit.load("out")   # or AutoModelForImageTextToText.from_pretrained("o
 """
 
 from moekit._version import __version__
-from moekit.modeling.classes import register_known_families
+from moekit.modeling.classes import install_lazy_registration
 from moekit.modeling.load import load
 from moekit.moe import RouterLosses, RoutingStats, router_losses
 from moekit.plugins.hooks import Component, hookimpl
 from moekit.upcycle import ArchOverride, ExpertSpec, RouterSpec, UpcycleSpec, upcycle
 
-register_known_families()
+install_lazy_registration()
 
 __all__ = [
     "ArchOverride",

@@ -67,14 +67,15 @@ def test_unknown_model_error_says_what_was_searched_found_and_how_to_override():
     with pytest.raises(ArchError) as info:
         resolve_arch(Odd())
     text = str(info.value)
-    assert "'oddball'" in text and "known families:" in text and "qwen2_5_vl" in text
-    assert "blocks (2 x Layer)" in text
+    assert "Odd (oddball) cannot be upcycled: " in text and "no hidden_size" in text
+    assert "decoder-layer lists found: blocks (2 x Layer)" in text
     assert "arch: {layers: model.layers, mlp: mlp}" in text
 
 
 def test_override_with_unsupported_ffn_lists_its_children():
     with pytest.raises(
-        ArchError, match=r"(?s)blocks.0.ffn \(Sequential\) is not an FFN moekit can split.*it has: 0: Linear, 1: ReLU"
+        ArchError,
+        match=r"(?s)blocks.0.ffn \(Sequential\) is not an FFN moekit can split.*it has: 0: Linear 8->16, 1: ReLU",
     ):
         resolve_arch(Odd(), moekit.ArchOverride(layers="blocks", mlp="ffn"))
 
@@ -86,10 +87,17 @@ def test_override_paths_that_do_not_exist_are_named():
         resolve_arch(tiny_model("llama"), moekit.ArchOverride(layers="model.layers", mlp="ffn"))
 
 
-def test_override_upcycles_a_model_type_moekit_does_not_list():
+def test_a_model_type_moekit_does_not_list_is_found_by_structure_or_override():
     model = tiny_model("llama")
     model.config.model_type = "my_llama_fork"
-    with pytest.raises(ArchError):
-        resolve_arch(model)
+    found = resolve_arch(model)
+    assert (found.layers, found.mlp, found.ffn.gate, found.ffn.up, found.ffn.down) == (
+        "model.layers",
+        "mlp",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    assert not found.known and found.auto == "causal-lm" and found.model_class == "LlamaForCausalLM"
     adapter = resolve_arch(model, moekit.ArchOverride(layers="model.layers", mlp="mlp", image_token_ids=[7]))
     assert adapter.ffn.kind == "gated" and adapter.image_token_ids == (7,) and not adapter.known

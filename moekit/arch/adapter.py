@@ -1,15 +1,26 @@
-"""Find a model's decoder layers, their FFNs and its visual special tokens; explain refusals."""
+"""Where the surgery acts on one model: its decoder layers, their FFNs, its visual special tokens; explained refusals.
+
+`resolve_arch(model)` finds all of it by structure (`moekit.arch.detect`), for every family alike; the family
+table adds only what structure cannot give (visual-token sites, projector paths, stock MoE twins). An
+`ArchOverride` names the paths by hand; an upcycled model answers from its `MoeRecord`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
+from moekit.arch import detect
 from moekit.arch.families import IMAGE_TOKEN_KEYS, VIDEO_TOKEN_KEYS
-from moekit.arch.lookup import family_for, known_families
+from moekit.arch.lookup import family_for
 from moekit.config.record import ArchRecord, FfnRecord, MoeRecord
 from moekit.plugins.family import AutoKind, VisualSite
 
@@ -18,14 +29,18 @@ FfnKind = Literal["gated", "fused", "plain"]
 
 @dataclass(frozen=True)
 class FfnLayout:
-    """Names of one FFN's projections. `gated`: act(gate) * up -> down; `fused`: one gate_up matrix
-    (gate rows first); `plain`: act(up) -> down (fc1/fc2)."""
+    """One FFN's projections. `gated`: act(gate) * up -> down; `fused`: one gate_up matrix whose gate half is
+    first (`gate_first`) or second; `plain`: act(up) -> down. `transposed`: weights stored [in, out] (GPT-2's
+    `Conv1D`). The activation is the FFN's child `act`, or `ACT2FN[act_fn]` when its forward calls a function."""
 
     kind: FfnKind
     up: str
     down: str
     gate: str | None = None
     act: str = "act_fn"
+    act_fn: str | None = None
+    gate_first: bool = True
+    transposed: bool = False
 
     @property
     def gated(self) -> bool:
@@ -34,21 +49,46 @@ class FfnLayout:
     def projections(self) -> tuple[str, ...]:
         return tuple(p for p in (self.gate, self.up, self.down) if p)
 
+    def activation(self, ffn: nn.Module | None = None) -> nn.Module:
+        """The FFN's activation as a module (a fresh one from transformers when it is a config name)."""
+        if self.act_fn is not None:
+            return ACT2FN[self.act_fn]
+        if ffn is None:
+            raise ValueError("this FFN's activation is a module of the FFN; pass the FFN")
+        return getattr(ffn, self.act)
 
-# Tried in order on the first decoder layer's FFN.
-KNOWN_LAYOUTS = (
-    FfnLayout("gated", gate="gate_proj", up="up_proj", down="down_proj"),
-    FfnLayout("fused", up="gate_up_proj", down="down_proj"),
-    FfnLayout("gated", gate="w1", up="w3", down="w2"),
-    FfnLayout("plain", up="fc1", down="fc2"),
-    FfnLayout("plain", up="linear_fc1", down="linear_fc2"),
-    FfnLayout("plain", up="c_fc", down="c_proj"),
-)
-ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
+    def fuse(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], down: torch.Tensor, down_bias):
+        """moekit's fused convention from the projections as stored (`weights`/`biases` of gate then up, or of
+        the one up matrix): `up` [2I, H] gate rows first (gated, fused) or [I, H], `down` [H, I], biases."""
+        if self.transposed:
+            weights, down = [w.t() for w in weights], down.t()
+        up = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+        bias = None if biases[0] is None else (biases[0] if len(biases) == 1 else torch.cat(biases, 0))
+        if self.kind == "fused" and not self.gate_first:
+            up = torch.cat(up.chunk(2, 0)[::-1], 0)
+            bias = None if bias is None else torch.cat(bias.chunk(2, 0)[::-1], 0)
+        out = {"up": up.detach(), "down": down.detach()}
+        if bias is not None:
+            out["up_bias"] = bias.detach()
+        if down_bias is not None:
+            out["down_bias"] = down_bias.detach()
+        return out
+
+    def to_record(self) -> FfnRecord:
+        return FfnRecord(
+            kind=self.kind,
+            gate=self.gate,
+            up=self.up,
+            down=self.down,
+            act=self.act,
+            act_fn=self.act_fn,
+            gate_first=self.gate_first,
+            transposed=self.transposed,
+        )
 
 
 class ArchError(ValueError):
-    """The model's layout could not be resolved; the message says what was searched and how to override."""
+    """The model cannot be upcycled as it is; the message says why in one sentence and what the user can do."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +108,8 @@ class ArchAdapter:
     biased: bool = False
     known: bool = True
     visual: VisualSite | None = None
+    model_class: str | None = None  # the dense transformers class the model was (for moekit's class)
+    settled: bool = True  # False when names, not a probe, chose the gate order (meta-device models)
     extra: dict = field(default_factory=dict, compare=False)
 
     def layer(self, model: nn.Module, index: int) -> nn.Module:
@@ -99,13 +141,26 @@ class ArchAdapter:
             biased=record.biased,
             known=family is not None,
             visual=family.visual if family is not None else None,
+            model_class=record.model_class,
         )
+
+    def settled_on(self, ffn: nn.Module, config: Any) -> ArchAdapter:
+        """This adapter with the gate order and activation settled by a probe of `ffn`, a real (not meta) copy of
+        the first layer's FFN: what detection on the meta device left to the projections' names."""
+        if self.settled:
+            return self
+        match = detect.match_ffn(ffn, self.hidden_size)
+        if match is None:
+            raise ArchError(_not_an_ffn(f"{self.layers}.0.{self.mlp}", ffn, self.hidden_size))
+        probe = _ProbeModel(config)
+        layout, _, computed = _detected_layout(probe, ffn, match, f"{self.layers}.0.{self.mlp}")
+        return replace(self, ffn=layout, settled=computed)
 
     def to_record(self) -> ArchRecord:
         return ArchRecord(
             layers=self.layers,
             mlp=self.mlp,
-            ffn=FfnRecord(kind=self.ffn.kind, gate=self.ffn.gate, up=self.ffn.up, down=self.ffn.down, act=self.ffn.act),
+            ffn=self.ffn.to_record(),
             image_token_ids=list(self.image_token_ids),
             video_token_ids=list(self.video_token_ids),
         )
@@ -113,29 +168,40 @@ class ArchAdapter:
 
 def _token_ids(config, keys: tuple[str, ...]) -> tuple[int, ...]:
     ids = []
-    for key in keys:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
+    for source in (config, detect.text_config(config)):
+        for key in keys:
+            value = getattr(source, key, None)
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
     return tuple(ids)
 
 
-def detect_layout(ffn: nn.Module, where: str) -> FfnLayout:
-    """The FfnLayout whose projections `ffn` has, with its activation attribute."""
-    for layout in KNOWN_LAYOUTS:
-        if all(isinstance(getattr(ffn, p, None), nn.Linear) for p in layout.projections()):
-            act = next((a for a in ACT_NAMES if isinstance(getattr(ffn, a, None), nn.Module)), None)
-            if act is None:
-                raise ArchError(
-                    f"{where} ({type(ffn).__name__}) has {layout.projections()} but no activation module; looked for {ACT_NAMES}"
-                )
-            return FfnLayout(layout.kind, up=layout.up, down=layout.down, gate=layout.gate, act=act)
-    children = [f"{n}: {type(m).__name__}" for n, m in ffn.named_children()] or ["(no children)"]
-    tried = [" + ".join(layout.projections()) for layout in KNOWN_LAYOUTS]
-    raise ArchError(
-        f"{where} ({type(ffn).__name__}) is not an FFN moekit can split into experts.\n"
-        f"  it has: {', '.join(children)}\n  known layouts: {'; '.join(tried)}\n"
-        "  pass the projection names by hand: arch: {layers: ..., mlp: ..., gate: ..., up: ..., down: ..., act: ...}"
+def auto_kind(model: nn.Module) -> AutoKind:
+    """The Auto class a model belongs to, from its own class in transformers' mappings (the config's shape
+    only when the class is in neither)."""
+    name = type(model).__name__
+    if name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+        return "image-text-to-text"
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "causal-lm"
+    config = model.config
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "image-text-to-text"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "image-text-to-text" if hasattr(config, "vision_config") else "causal-lm"
+
+
+HOW_TO_OVERRIDE = (
+    "name the paths by hand: UpcycleSpec(arch={'layers': 'model.layers', 'mlp': 'mlp'}) or in YAML "
+    "`arch: {layers: model.layers, mlp: mlp}` (add gate/up/down/act for unusual FFN names)"
+)
+
+
+def _refuse_layers(model: nn.Module, reason: str) -> ArchError:
+    return ArchError(
+        f"{type(model).__name__} ({model.config.model_type}) cannot be upcycled: {reason}.\n"
+        f"  decoder-layer lists found: {'; '.join(_candidates(model)) or 'none'}\n  {HOW_TO_OVERRIDE}"
     )
 
 
@@ -143,116 +209,205 @@ def _candidates(model: nn.Module) -> list[str]:
     """ModuleLists whose items hold an `mlp`-like child: what an override could point at."""
     found = []
     for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module)
-            and any(hasattr(module[0], a) for a in ("mlp", "feed_forward", "ffn"))
-        ):
-            found.append(f"{name} ({len(module)} x {type(module[0]).__name__})")
-    return found
+        if isinstance(module, nn.ModuleList) and len(module) and isinstance(module[0], nn.Module):
+            children = dict(module[0].named_children())
+            if len(children) >= 2:
+                found.append(f"{name} ({len(module)} x {type(module[0]).__name__})")
+    return found[:8]
+
+
+def _describe(module: nn.Module) -> str:
+    parts = []
+    for name, child in module.named_children():
+        proj = detect.projection(name, child)
+        shape = f" {proj.in_features}->{proj.out_features}" if proj is not None else ""
+        parts.append(f"{name}: {type(child).__name__}{shape}")
+    return ", ".join(parts) or "(no children)"
+
+
+def _layers(model: nn.Module, override, family) -> tuple[str, nn.ModuleList]:
+    path = override.layers if override is not None else getattr(family, "layers", None)
+    if path is None:
+        try:
+            return detect.find_layers(model)
+        except detect.DetectError as exc:
+            inline = []
+            hidden = detect.hidden_size(model.config)
+            for name, module in model.named_modules():
+                is_list = isinstance(module, nn.ModuleList) and len(module) and hidden is not None
+                if is_list and detect.inline_ffn(module[0], hidden):
+                    inline.append((name, module))
+            if inline:
+                name, module = inline[0]
+                projs = ", ".join(detect.inline_ffn(module[0], hidden))
+                raise _refuse_layers(
+                    model,
+                    f"no FFN module: the FFN is inline in the layer ({projs} of {type(module[0]).__name__} at "
+                    f"{name}), and moekit replaces FFN modules",
+                ) from None
+            raise _refuse_layers(model, str(exc)) from None
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        raise _refuse_layers(model, f"it has no module {path!r}") from None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ArchError(f"{path!r} in {type(model).__name__} is {type(layers).__name__}, not a non-empty ModuleList")
+    return path, layers
+
+
+def _override_layout(ffn: nn.Module, override, where: str) -> tuple[FfnLayout, int, int]:
+    kind = "plain" if override.gate is None and override.kind != "fused" else (override.kind or "gated")
+    layout = FfnLayout(
+        kind, up=override.up, down=override.down or "down_proj", gate=override.gate, act=override.act or "act_fn"
+    )
+    found = {}
+    for name in layout.projections():
+        proj = detect.projection(name, getattr(ffn, name, None) or nn.Identity())
+        if proj is None:
+            raise ArchError(f"{where}.{name} is not an nn.Linear (or Conv1D) in {type(ffn).__name__}: {_describe(ffn)}")
+        found[name] = proj
+    down = found[layout.down]
+    transposed = down.transposed
+    return FfnLayout(**{**layout.__dict__, "transposed": transposed}), down.out_features, down.in_features
 
 
 def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
-    """Resolve the adapter for `model`, from the family table or from an `ArchOverride`.
+    """The adapter for `model`: decoder layers and FFN layout by structure (or from an `ArchOverride`).
 
-    Raises ArchError naming what was searched, what was found and how to pass the paths by hand.
+    Raises ArchError with the reason in one sentence, what was found, and how to pass the paths by hand.
     """
     config = model.config
     record = MoeRecord.of(config)
     if record is not None and override is None:
         return ArchAdapter.from_record(record)
-    model_type = config.model_type
-    family = family_for(model_type)
-    if override is not None:
-        layers_path, mlp = override.layers, override.mlp
-    elif family is not None:
-        layers_path, mlp = family.layers, family.mlp
-    else:
-        raise ArchError(
-            f"model type {model_type!r} ({type(model).__name__}) is not a family moekit knows.\n"
-            f"  known families: {', '.join(known_families())}\n"
-            f"  decoder-layer lists found in this model: {'; '.join(_candidates(model)) or 'none'}\n"
-            "  pass the paths by hand, e.g. UpcycleSpec(arch={'layers': 'model.layers', 'mlp': 'mlp'}) or in YAML\n"
-            "  `arch: {layers: model.layers, mlp: mlp}` (add gate/up/down/act for unusual FFN names)"
-        )
-    try:
-        layers = model.get_submodule(layers_path)
-    except AttributeError:
-        raise ArchError(
-            f"{type(model).__name__} has no module {layers_path!r}; decoder-layer lists found: "
-            f"{'; '.join(_candidates(model)) or 'none'}"
-        ) from None
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ArchError(
-            f"{layers_path!r} in {type(model).__name__} is {type(layers).__name__}, not a non-empty ModuleList"
-        )
+    if record is not None:
+        raise ArchError("this model is already an MoE model made by moekit; upcycle its dense base instead")
+    cached = model.__dict__.get("_moekit_arch")
+    if override is None and cached is not None:
+        return cached  # detection probes the FFN: do it once per model (it may be sharded later)
+    family = family_for(config.model_type)
+    layers_path, layers = _layers(model, override, family)
     first = layers[0]
-    if not hasattr(first, mlp):
-        children = ", ".join(n for n, _ in first.named_children())
-        raise ArchError(f"{layers_path}.0 ({type(first).__name__}) has no attribute {mlp!r}; its children: {children}")
-    ffn = getattr(first, mlp)
-    if override is not None and override.up:
-        kind = "plain" if override.gate is None and override.kind != "fused" else (override.kind or "gated")
-        layout = FfnLayout(
-            kind, up=override.up, down=override.down or "down_proj", gate=override.gate, act=override.act or "act_fn"
-        )
-        for p in layout.projections():
-            if not isinstance(getattr(ffn, p, None), nn.Linear):
-                raise ArchError(f"{layers_path}.0.{mlp}.{p} is not an nn.Linear in {type(ffn).__name__}")
+    where = f"{layers_path}.0"
+    hidden = detect.hidden_size(config)
+    if override is not None:
+        if not hasattr(first, override.mlp):
+            raise ArchError(
+                f"{where} ({type(first).__name__}) has no attribute {override.mlp!r}; its children: {_describe(first)}"
+            )
+        mlp = override.mlp
+        ffn = getattr(first, mlp)
+        settled = True
+        if override.up:
+            layout, hidden, intermediate = _override_layout(ffn, override, f"{where}.{mlp}")
+            match = None
+        else:
+            match = detect.match_ffn(ffn, hidden) if hidden else None
+            if match is None:
+                raise ArchError(_not_an_ffn(f"{where}.{mlp}", ffn, hidden))
     else:
-        layout = detect_layout(ffn, f"{layers_path}.0.{mlp}")
-    up = getattr(ffn, layout.up)
-    down = getattr(ffn, layout.down)
-    hidden, intermediate = down.out_features, down.in_features
-    image_ids = (
-        tuple(override.image_token_ids)
-        if override is not None and override.image_token_ids
-        else _token_ids(config, IMAGE_TOKEN_KEYS)
-    )
-    video_ids = (
-        tuple(override.video_token_ids)
-        if override is not None and override.video_token_ids
-        else _token_ids(config, VIDEO_TOKEN_KEYS)
-    )
-    auto = (
-        family.auto
-        if family is not None
-        else ("image-text-to-text" if hasattr(config, "vision_config") else "causal-lm")
-    )
-    return ArchAdapter(
-        model_type=model_type,
+        found = detect.find_ffn(first, hidden)
+        if found is None:
+            inline = detect.inline_ffn(first, hidden)
+            reason = (
+                f"no FFN module: the FFN is inline in the layer ({', '.join(inline)} of {type(first).__name__}), "
+                "and moekit replaces FFN modules"
+                if inline
+                else f"no child of {where} ({type(first).__name__}) is an FFN of width {hidden}: {_describe(first)}"
+            )
+            raise _refuse_layers(model, reason)
+        mlp, ffn = found.attr, getattr(first, found.attr)
+        match = (found.kind, list(found.ups), found.down, found.intermediate)
+    problem = detect.signature_problem(ffn)
+    if problem is not None:
+        raise ArchError(
+            f"{where}.{mlp} ({type(ffn).__name__}) cannot become an MoE block: {problem}; moekit's MoE block is "
+            "called with the hidden states alone"
+        )
+    if match is not None:
+        layout, intermediate, settled = _detected_layout(model, ffn, match, f"{where}.{mlp}")
+        hidden = match[2].out_features
+    biased = any(getattr(getattr(ffn, p), "bias", None) is not None for p in layout.projections())
+    adapter = ArchAdapter(
+        model_type=config.model_type,
         layers=layers_path,
         mlp=mlp,
         ffn=layout,
-        auto=auto,
+        auto=auto_kind(model),
         num_layers=len(layers),
         hidden_size=hidden,
         intermediate_size=intermediate,
-        image_token_ids=image_ids,
-        video_token_ids=video_ids,
-        biased=up.bias is not None or down.bias is not None,
+        image_token_ids=_ids(override, "image_token_ids") or _token_ids(config, IMAGE_TOKEN_KEYS),
+        video_token_ids=_ids(override, "video_token_ids") or _token_ids(config, VIDEO_TOKEN_KEYS),
+        biased=biased,
         known=family is not None,
         visual=family.visual if family is not None else None,
+        model_class=type(model).__name__,
+        settled=settled,
     )
+    if override is None and settled:
+        model.__dict__["_moekit_arch"] = adapter
+    return adapter
+
+
+class _ProbeModel:
+    """What `_detected_layout` reads of a model: its config."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+
+def _ids(override, key: str) -> tuple[int, ...]:
+    return tuple(getattr(override, key)) if override is not None and getattr(override, key) else ()
+
+
+def _not_an_ffn(where: str, ffn: nn.Module, hidden: int | None) -> str:
+    return (
+        f"{where} ({type(ffn).__name__}) is not an FFN moekit can split into experts: its projections do not chain "
+        f"{hidden} -> I -> {hidden} as gate/up/down, fused gate_up/down or up/down.\n  it has: {_describe(ffn)}\n"
+        f"  {HOW_TO_OVERRIDE}"
+    )
+
+
+def _detected_layout(model: nn.Module, ffn: nn.Module, match: tuple, where: str) -> tuple[FfnLayout, int, bool]:
+    """The layout a probe (or, on the meta device, the names) settles, its width I, and whether a probe did."""
+    kind, ups, down, intermediate = match
+    found = detect.FfnMatch("", kind, tuple(ups), down, intermediate, detect.activation_attr(ffn))
+    settled = detect.settle(ffn, found, model.config)
+    if settled is None:
+        extra = [
+            f"{n}: {type(c).__name__}"
+            for n, c in ffn.named_children()
+            if n not in {p.name for p in (*ups, down)} and n != found.act_attr
+        ]
+        beyond = f"beyond its projections it has {', '.join(extra)}" if extra else "its forward does more with them"
+        raise ArchError(
+            f"{where} ({type(ffn).__name__}) computes more than act(gate) * up -> down ({beyond}): no gate order "
+            "or activation reproduces its output on a probe input, so MoE experts made from its projections would "
+            "change the model. moekit refuses to upcycle it."
+        )
+    if kind == "gated":
+        gate, up = (ups[0], ups[1]) if settled.gate_first else (ups[1], ups[0])
+        layout = FfnLayout("gated", gate=gate.name, up=up.name, down=down.name)
+    else:
+        layout = FfnLayout(kind, up=ups[0].name, down=down.name, gate_first=settled.gate_first)
+    layout = FfnLayout(
+        **{
+            **layout.__dict__,
+            "act": settled.act_attr or "act_fn",
+            "act_fn": settled.act_name,
+            "transposed": down.transposed,
+        }
+    )
+    return layout, intermediate, settled.computed
 
 
 def ffn_tensors(ffn: nn.Module, layout: FfnLayout) -> dict[str, torch.Tensor]:
     """A dense FFN's weights in the fused experts convention: `up` ([2I, H] gated / [I, H] plain), `down`
     [H, I], and `up_bias` / `down_bias` when present."""
+    ups = [getattr(ffn, p) for p in ((layout.gate, layout.up) if layout.kind == "gated" else (layout.up,))]
     down = getattr(ffn, layout.down)
-    if layout.kind == "gated":
-        gate, up = getattr(ffn, layout.gate), getattr(ffn, layout.up)
-        weight = torch.cat([gate.weight, up.weight], dim=0)
-        bias = None if gate.bias is None else torch.cat([gate.bias, up.bias], dim=0)
-    else:
-        up = getattr(ffn, layout.up)
-        weight, bias = up.weight, up.bias
-    out = {"up": weight.detach(), "down": down.weight.detach()}
-    if bias is not None:
-        out["up_bias"] = bias.detach()
-    if down.bias is not None:
-        out["down_bias"] = down.bias.detach()
-    return out
+    return layout.fuse([u.weight for u in ups], [u.bias for u in ups], down.weight, down.bias)
 
 
 def ffn_state_keys(layout: FfnLayout, prefix: str) -> dict[str, list[str]]:
@@ -264,3 +419,29 @@ def ffn_state_keys(layout: FfnLayout, prefix: str) -> dict[str, list[str]]:
         "up_bias": [f"{p}.bias" for p in ups],
         "down_bias": [f"{prefix}.{layout.down}.bias"],
     }
+
+
+def fuse_state(layout: FfnLayout, parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`ffn_state_keys`' tensors (as read from a state dict or checkpoint) in the fused convention."""
+    return layout.fuse(
+        parts["up"], parts.get("up_bias") or [None], parts["down"][0], (parts.get("down_bias") or [None])[0]
+    )
+
+
+def fused_shapes(layout: FfnLayout, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """The fused tensors' shapes from the stored shapes of `ffn_state_keys`' tensors (headers only)."""
+    out = {}
+    for name, parts in shapes.items():
+        if layout.transposed and name in ("up", "down"):
+            parts = [tuple(reversed(s)) for s in parts]
+        out[name] = (sum(s[0] for s in parts), *parts[0][1:])
+    return out
+
+
+def describe_module(module: nn.Module) -> str:
+    """`name: Class in->out, ...` of a module's children, for error messages."""
+    return _describe(module)
+
+
+def describe_config(config: Any) -> str:
+    return f"{config.model_type} (hidden {detect.hidden_size(config)}, {detect.num_layers(config)} layers)"

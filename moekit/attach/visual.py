@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.arch import FAMILIES, ArchError, VisualSite, family_for
+from moekit.arch.adapter import auto_kind
 from moekit.config.record import dense_model_type
 
 VisualKind = Literal["image", "video"]
@@ -123,7 +124,7 @@ def visual_site(model: nn.Module) -> tuple[VisualSite, nn.Module]:
             f"position encoders cannot hook into it. Known for: {', '.join(known)}. "
             + (
                 "This family has no vision input. "
-                if family is not None and family.auto == "causal-lm"
+                if auto_kind(model) == "causal-lm"
                 else "A plug-in can add it: moekit_arch_adapters returning {model_type: Family(..., "
                 "visual=VisualSite(layout=..., owner=..., image=..., video=...))}."
             )

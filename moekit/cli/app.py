@@ -17,6 +17,7 @@ from moekit.cli import (
     tiny_cmd,
     tiny_vlm_cmd,
     upcycle_cmd,
+    verify_cmd,
 )
 from moekit.cli.errors import CommandGroup
 
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.command("run")(recipe_cmd.run)
 app.command("validate")(recipe_cmd.validate)
 app.command("upcycle")(upcycle_cmd.upcycle)
+app.command("verify")(verify_cmd.verify)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
 app.command("calibrate-router")(calibrate_cmd.calibrate_router)

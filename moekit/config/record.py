@@ -29,6 +29,9 @@ class FfnRecord(StrictModel):
     down: str
     gate: str | None = None
     act: str = "act_fn"
+    act_fn: str | None = None  # an activation transformers knows by name, when the FFN has no activation module
+    gate_first: bool = True  # fused: whether the gate half of the up matrix comes first
+    transposed: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
 
 
 class ArchRecord(StrictModel):
@@ -56,6 +59,7 @@ class MoeRecord(StrictModel):
     arch: ArchRecord
     spec: dict[str, Any] = Field(description="the UpcycleSpec the model was made with, as JSON")
     experts: list[str]
+    model_class: str | None = Field(None, description="the dense transformers class the model was made from")
     sources: dict[str, Any] = {}
     router_calibration: dict[str, Any] | None = None
 

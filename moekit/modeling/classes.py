@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-from moekit.arch import FAMILIES, family_for
 from moekit.config.record import PREFIX, MoeRecord
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
@@ -70,32 +70,56 @@ class MoekitModelMixin:
         return [m for m in self.modules() if isinstance(m, MoeBlock)]
 
 
-def _auto_kind(base_model_type: str, base_config_cls) -> str:
-    family = family_for(base_model_type)
-    if family is not None:
-        return family.auto
-    return "image-text-to-text" if "vision_config" in getattr(base_config_cls, "sub_configs", {}) else "causal-lm"
+AUTO_CLASSES = {"image-text-to-text": AutoModelForImageTextToText, "causal-lm": AutoModelForCausalLM}
+MAPPINGS = {"image-text-to-text": MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, "causal-lm": MODEL_FOR_CAUSAL_LM_MAPPING}
 
 
 @cache
-def moekit_classes(base_model_type: str) -> tuple[type, type]:
-    """The (config class, model class) pair for a dense family, created and registered on first use."""
+def config_class(base_model_type: str) -> type:
+    """moekit's config class for a dense family (model type `moekit_<family>`), registered with AutoConfig."""
     if base_model_type not in CONFIG_MAPPING:
-        raise ValueError(f"transformers {__import__('transformers').__version__} has no model type {base_model_type!r}")
+        raise ValueError(f"transformers {transformers.__version__} has no model type {base_model_type!r}")
     base_config = CONFIG_MAPPING[base_model_type]
-    kind = _auto_kind(base_model_type, base_config)
-    mapping, auto = (
-        (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoModelForImageTextToText)
-        if kind == "image-text-to-text"
-        else (MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM)
-    )
-    base_model = mapping.get(base_config, None)
-    if base_model is None:
-        raise ValueError(f"{base_model_type!r} has no {auto.__name__} class in transformers; moekit cannot wrap it")
     model_type = moe_model_type(base_model_type)
     config_cls = type(
         f"Moekit{base_config.__name__}", (base_config,), {"model_type": model_type, "__module__": __name__}
     )
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    return config_cls
+
+
+def dense_class(base_model_type: str, model_class: str | None) -> type:
+    """The dense transformers class to derive from: the one the model was made from, else the family's class in
+    transformers' image-text-to-text mapping, else its causal-LM mapping."""
+    if model_class is not None:
+        dense = getattr(transformers, model_class, None)
+        if isinstance(dense, type) and issubclass(dense, transformers.PreTrainedModel):
+            return dense
+        raise ValueError(f"transformers {transformers.__version__} has no model class {model_class!r}")
+    base_config = CONFIG_MAPPING[base_model_type]
+    for mapping in MAPPINGS.values():
+        dense = mapping.get(base_config, None)
+        if dense is not None:
+            return dense
+    raise ValueError(
+        f"{base_model_type!r} has neither an image-text-to-text nor a causal-LM class in transformers; moekit wraps "
+        "those"
+    )
+
+
+def moekit_classes(base_model_type: str, model_class: str | None = None) -> tuple[type, type]:
+    """The (config class, model class) pair for a dense family, created and registered on first use.
+
+    The model class derives from `model_class` (the dense class a model was made from; default: the family's
+    class in transformers' mappings) and is registered with every Auto class whose mapping holds that class.
+    """
+    return _classes(base_model_type, dense_class(base_model_type, model_class).__name__)
+
+
+@cache
+def _classes(base_model_type: str, model_class: str) -> tuple[type, type]:
+    config_cls = config_class(base_model_type)
+    base_model = dense_class(base_model_type, model_class)
     model_cls = type(
         f"Moekit{base_model.__name__}",
         (MoekitModelMixin, base_model),
@@ -108,13 +132,45 @@ def moekit_classes(base_model_type: str) -> tuple[type, type]:
     )
     if conversions is not None:
         register_checkpoint_conversion_mapping(model_cls.__name__, conversions, overwrite=True)
-    AutoConfig.register(model_type, config_cls, exist_ok=True)
-    auto.register(config_cls, model_cls, exist_ok=True)
+    base_config = CONFIG_MAPPING[base_model_type]
+    for kind, mapping in MAPPINGS.items():
+        if mapping.get(base_config, None) is base_model:
+            AUTO_CLASSES[kind].register(config_cls, model_cls, exist_ok=True)
     return config_cls, model_cls
 
 
-def register_known_families() -> None:
-    """Register every family in the table so `Auto*.from_pretrained` works right after `import moekit`."""
-    for base_model_type in FAMILIES:
-        if base_model_type in CONFIG_MAPPING:
-            moekit_classes(base_model_type)
+def register_family(base_model_type: str) -> type:
+    """Register moekit's classes of a family with every Auto class transformers has for it; the config class."""
+    base_config = CONFIG_MAPPING[base_model_type]
+    for mapping in MAPPINGS.values():
+        dense = mapping.get(base_config, None)
+        if dense is not None:
+            moekit_classes(base_model_type, dense.__name__)
+    return config_class(base_model_type)
+
+
+class _LazyMoekitTypes(dict):
+    """Stands in for transformers' registry of extra config types: a `moekit_<family>` type is known as soon as
+    `<family>` is, and its classes are made and registered the first time transformers asks for it. So
+    `Auto*.from_pretrained(dir)` works right after `import moekit` for every family, and importing moekit
+    registers nothing up front (which would import every family's modeling code)."""
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        return isinstance(key, str) and key.startswith(PREFIX) and key.removeprefix(PREFIX) in CONFIG_MAPPING._mapping
+
+    def __getitem__(self, key: str) -> type:
+        if not dict.__contains__(self, key) and key in self:
+            register_family(key.removeprefix(PREFIX))
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401 (dict.get would skip the lazy lookup)
+
+
+def install_lazy_registration() -> None:
+    """Let transformers' AutoConfig resolve moekit model types on demand (idempotent)."""
+    extra = CONFIG_MAPPING._extra_content
+    if not isinstance(extra, _LazyMoekitTypes):
+        CONFIG_MAPPING._extra_content = _LazyMoekitTypes(extra)

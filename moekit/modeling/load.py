@@ -40,7 +40,7 @@ def load(path: str | Path, *, experts_implementation: str | None = None, **kwarg
     with randomly initialised experts.
     """
     record = read_record(path)
-    _, model_cls = moekit_classes(record.base_model_type)
+    _, model_cls = moekit_classes(record.base_model_type, record.model_class)
     if "attn_implementation" in kwargs:
         kwargs["attn_implementation"] = resolve_attn_implementation(kwargs["attn_implementation"])
     kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
@@ -55,17 +55,15 @@ def load(path: str | Path, *, experts_implementation: str | None = None, **kwarg
 
 
 def load_any(path: str | Path, **kwargs: Any):
-    """A moekit MoE checkpoint through `load`, a dense one through transformers' Auto classes (local safetensors
+    """A moekit MoE checkpoint through `load`, a dense one through its own transformers class (local safetensors
     only), in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from moekit.modeling.meta_model import read_config
+    from moekit.modeling.meta_model import model_class, read_config
 
     config = read_config(path)
     if getattr(config, "moekit", None) is not None:
         return load(path, **kwargs).eval()
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     kwargs.setdefault("dtype", torch.float32)
     kwargs.update(local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    return auto.from_pretrained(str(path), **kwargs).eval()
+    return model_class(config).from_pretrained(str(path), **kwargs).eval()

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+
+from moekit.config.record import MoeRecord
 
 
 def read_config(path: str | Path) -> PreTrainedConfig:
@@ -28,10 +31,22 @@ def read_config(path: str | Path) -> PreTrainedConfig:
     return AutoConfig.for_model(**data)
 
 
+def model_class(config: PreTrainedConfig) -> type:
+    """The transformers class a config's checkpoint is: moekit's class for an MoE config, else the class its
+    `architectures` names (when transformers has it), else the family's class in transformers' mappings."""
+    from moekit.modeling.classes import dense_class, moekit_classes
+
+    record = MoeRecord.of(config)
+    if record is not None:
+        return moekit_classes(record.base_model_type, record.model_class)[1]
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(config, cls.config_class):
+            return cls
+    return dense_class(config.model_type, None)
+
+
 def meta_model(config: PreTrainedConfig) -> nn.Module:
     """Instantiate the model for `config` on the meta device."""
-    auto = (
-        AutoModelForImageTextToText if "vision_config" in getattr(config, "sub_configs", {}) else AutoModelForCausalLM
-    )
     with torch.device("meta"):
-        return auto.from_config(config)
+        return model_class(config)._from_config(config)

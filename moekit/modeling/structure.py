@@ -51,7 +51,7 @@ def make_block(dense: nn.Module, adapter: ArchAdapter, record: MoeRecord, contex
         intermediate_size=adapter.intermediate_size,
         num_experts=record.num_experts,
         top_k=record.top_k,
-        act=copy.deepcopy(getattr(dense, adapter.ffn.act)),
+        act=copy.deepcopy(adapter.ffn.activation(dense)),
         gated=adapter.ffn.gated,
         biased=adapter.biased,
         shared_expert=copy.deepcopy(dense) if record.shared_expert else None,
@@ -72,13 +72,26 @@ def init_block(block: MoeBlock, std: float) -> None:
             param.normal_(0.0, std)
 
 
-def install_blocks(model: nn.Module, record: MoeRecord, context: MoeContext) -> dict[int, MoeBlock]:
-    """Replace the FFN of every layer in `record.layers` with an MoE block; return them by layer."""
+def build_blocks(model: nn.Module, record: MoeRecord, context: MoeContext) -> dict[int, MoeBlock]:
+    """An MoE block for every layer in `record.layers`, shaped after that layer's FFN; the model is not changed."""
     adapter = ArchAdapter.from_record(record)
     decoder = model.get_submodule(adapter.layers)
-    blocks = {}
-    for layer in record.layers:
-        block = make_block(getattr(decoder[layer], adapter.mlp), adapter, record, context, layer)
+    return {
+        layer: make_block(getattr(decoder[layer], adapter.mlp), adapter, record, context, layer)
+        for layer in record.layers
+    }
+
+
+def place_blocks(model: nn.Module, record: MoeRecord, blocks: dict[int, MoeBlock]) -> None:
+    """Put each block in place of its layer's FFN."""
+    adapter = ArchAdapter.from_record(record)
+    decoder = model.get_submodule(adapter.layers)
+    for layer, block in blocks.items():
         setattr(decoder[layer], adapter.mlp, block)
-        blocks[layer] = block
+
+
+def install_blocks(model: nn.Module, record: MoeRecord, context: MoeContext) -> dict[int, MoeBlock]:
+    """Replace the FFN of every layer in `record.layers` with an MoE block; return them by layer."""
+    blocks = build_blocks(model, record, context)
+    place_blocks(model, record, blocks)
     return blocks

@@ -34,11 +34,13 @@ class VisualSite:
 
 @dataclass(frozen=True)
 class Family:
-    """Facts about one transformers `model_type`."""
+    """Facts about one transformers `model_type` that structure cannot give. moekit finds every family's decoder
+    layers and FFNs by structure; `layers` / `mlp` only pin them where a family wants to (a dotted module path of
+    the decoder's ModuleList, the layer attribute holding the FFN)."""
 
-    layers: str  # dotted module path of the decoder's ModuleList
-    mlp: str = "mlp"  # attribute of each decoder layer holding the FFN
-    auto: AutoKind = "image-text-to-text"
+    layers: str | None = None
+    mlp: str = "mlp"
+    auto: AutoKind | None = None  # unused since 0.2: the model's own class decides (kept for plug-ins)
     video: bool = False  # whether the family takes video input
     native_moe: str | None = None  # transformers' stock MoE twin, if any (see moekit export --native)
     visual: VisualSite | None = None  # where visual tokens enter LLM space (position encoders), if known

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moekit.arch import ArchAdapter, ffn_state_keys
+from moekit.arch.adapter import fuse_state, fused_shapes
 from moekit.io.names import KeyNames
 from moekit.io.reader import CheckpointError, CheckpointReader
 
@@ -43,19 +44,13 @@ class CheckpointSource:
 
     def layout(self, layer: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shapes and dtypes of the fused tensors, from headers only."""
-        out = {}
-        for name, keys in self.ffn_keys(layer).items():
-            shapes = [self.reader.shape(k) for k in keys]
-            shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-            out[name] = (shape, self.reader.dtype(keys[0]))
-        return out
+        keys = self.ffn_keys(layer)
+        shapes = fused_shapes(self.adapter.ffn, {name: [self.reader.shape(k) for k in ks] for name, ks in keys.items()})
+        return {name: (shapes[name], self.reader.dtype(ks[0])) for name, ks in keys.items()}
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, keys in self.ffn_keys(layer).items():
-            parts = [self.reader.get(k) for k in keys]
-            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return out
+        parts = {name: [self.reader.get(k) for k in keys] for name, keys in self.ffn_keys(layer).items()}
+        return fuse_state(self.adapter.ffn, parts)
 
 
 class LoraSource:
@@ -165,6 +160,8 @@ class LoraSource:
         new_up = None
         for proj, rows in parts:
             delta = self.delta(f"{prefix}.{proj}", rows.stop - rows.start, up.shape[1])
+            if delta is not None and ffn.kind == "fused" and not ffn.gate_first:
+                delta = torch.cat(delta.chunk(2, 0)[::-1], 0)  # the fused rows were put gate-first
             if delta is not None:
                 new_up = up.float().clone() if new_up is None else new_up
                 new_up[rows] += delta

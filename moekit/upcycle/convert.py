@@ -8,6 +8,7 @@ only when complete.
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import time
@@ -35,6 +36,7 @@ from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weig
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
 from moekit.upcycle.surgery import build_record
+from moekit.upcycle.verify import check_layer
 
 
 @dataclass
@@ -75,6 +77,8 @@ class _Plan:
         self.adapter: ArchAdapter = resolve_arch(self.dense, spec.arch)
         self.layers = resolve_layers(spec.layers, self.adapter.num_layers)
         self.names = KeyNames(self.dense)
+        # On the meta device the projections' names chose the gate order; the first layer's real FFN settles it.
+        self.adapter = self.adapter.settled_on(self.dense_ffn(self.layers[0]), self.config)
         self.base_source = CheckpointSource(self.base, self.names, self.adapter, f"base ({self.base_dir})")
         self.dtype = dtype
         self.base_layout = {layer: self.base_source.layout(layer) for layer in self.layers}
@@ -87,6 +91,21 @@ class _Plan:
             for g in self.base_source.ffn_keys(layer, required=False).values()
             for k in g
         }
+
+    def dense_ffn(self, layer: int) -> torch.nn.Module:
+        """Layer `layer`'s dense FFN as a real module with the base checkpoint's weights (for the probes)."""
+        meta = self.adapter.ffn_module(self.dense, layer)
+        prefix = self.adapter.ffn_prefix(layer)
+        state = {}
+        for name in meta.state_dict():
+            key = self.names.find(f"{prefix}.{name}", self.base)
+            if key is None:
+                raise CheckpointError(f"base ({self.base_dir}): no tensor for {prefix}.{name}")
+            state[name] = self.base.get(key)
+        ffn = copy.deepcopy(meta).to_empty(device="cpu")
+        dtype = next(iter(state.values())).dtype
+        ffn.to(dtype).load_state_dict(state)
+        return ffn
 
     def _source(self, index: int, allow_pickle: bool):
         expert = self.spec.experts[index]
@@ -312,7 +331,7 @@ def _natural(key: str) -> list:
 
 def _check_complete(plan: _Plan, planned: list[PlannedTensor], record: MoeRecord) -> None:
     """Every parameter and persistent buffer of the MoE model must be in the plan (tied aliases excepted)."""
-    config_cls, _ = moekit_classes(plan.adapter.model_type)
+    config_cls, _ = moekit_classes(plan.adapter.model_type, plan.adapter.model_class)
     config = read_config(plan.base_dir)
     config.__class__ = config_cls
     config.moekit = record.to_json()
@@ -384,6 +403,8 @@ def convert(
                 "fingerprint": reader.fingerprint(),
             }
     record = build_record(spec, plan.adapter, plan.layers, sources)
+    for layer in plan.layers:  # function preservation on every layer to write, before the first byte
+        check_layer(plan.dense_ffn(layer), plan.adapter, record, layer)
     planned, layer_keys = _planned_tensors(plan)
     _check_complete(plan, planned, record)
     shards = plan_shards(planned, max_shard_bytes)
@@ -391,7 +412,7 @@ def convert(
     free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
     if total > free:
         raise OSError(f"not enough disk space for {output}: needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-    config_cls, model_cls = moekit_classes(plan.adapter.model_type)
+    config_cls, model_cls = moekit_classes(plan.adapter.model_type, plan.adapter.model_class)
     for warning in report.warnings:
         warnings.warn(warning, stacklevel=2)
     with (

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moekit.arch import ArchAdapter, ArchError, ffn_state_keys, ffn_tensors, resolve_arch
+from moekit.arch.adapter import fuse_state
 
 
 class ExpertSource(Protocol):
@@ -44,17 +45,16 @@ class StateDictSource:
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         keys = ffn_state_keys(self.adapter.ffn, self.adapter.ffn_prefix(layer))
-        out = {}
+        parts = {}
         for name, names in keys.items():
             present = [k in self.state_dict for k in names]
             if all(present):
-                parts = [self.state_dict[k] for k in names]
-                out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                parts[name] = [self.state_dict[k] for k in names]
             elif name in ("up", "down"):
                 missing = names[present.index(False)]
                 near = difflib.get_close_matches(missing, list(self.state_dict), n=3)
                 raise KeyError(f"{self.description}: no tensor {missing!r} (closest keys: {near or 'none'})")
-        return out
+        return fuse_state(self.adapter.ffn, parts)
 
 
 def as_source(obj: object, base_adapter: ArchAdapter, name: str) -> ExpertSource:

@@ -12,7 +12,7 @@ from torch import nn
 from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
 from moekit.config.record import MoeRecord
 from moekit.modeling.classes import moekit_classes
-from moekit.modeling.structure import install_blocks, new_context
+from moekit.modeling.structure import build_blocks, new_context, place_blocks
 from moekit.moe import MoeBlock
 from moekit.moe.context import attach_context
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight, run_expert_init
@@ -20,6 +20,7 @@ from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.router_init import prototype_router_weights
 from moekit.upcycle.sources import ExpertSource, ModuleSource, as_source, check_shapes
 from moekit.upcycle.spec import ROUTER_INITS, UpcycleSpec
+from moekit.upcycle.verify import check_layers
 
 
 def build_record(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sources: dict[str, Any]) -> MoeRecord:
@@ -35,6 +36,7 @@ def build_record(spec: UpcycleSpec, adapter: ArchAdapter, layers: list[int], sou
         arch=adapter.to_record(),
         spec=spec.model_dump(mode="json"),
         experts=spec.expert_names,
+        model_class=adapter.model_class,
         sources=sources,
     )
 
@@ -81,7 +83,7 @@ def _swap_classes(model: nn.Module, adapter: ArchAdapter, record: MoeRecord) -> 
     Rebuilding a fresh instance would hold two copies of the model; the moekit class adds only methods to the
     stock class, so swapping `__class__` on the existing objects is safe.
     """
-    config_cls, model_cls = moekit_classes(adapter.model_type)
+    config_cls, model_cls = moekit_classes(adapter.model_type, adapter.model_class)
     model.config.__class__ = config_cls
     model.config.moekit = record.to_json()
     model.__class__ = model_cls
@@ -98,14 +100,16 @@ def upcycle(
     """Turn the chosen decoder FFNs of `model` into MoE blocks, in place, and return the model.
 
     Args:
-        model: a dense transformers model (any family in `moekit.arch.FAMILIES`, or another with `spec.arch`).
+        model: a dense transformers model (its decoder layers and FFNs are found by structure; `spec.arch`
+            names them by hand).
         spec: an `UpcycleSpec` (or a dict of its fields).
         sources: in-memory FFN sources by expert name: a model of the same family or a state dict. Experts not
             named here use their spec `source` ("base" = copy of this model's FFN, or a checkpoint path).
         calibration: batches (model inputs) for `router.init == "prototype"`.
         allow_pickle: let checkpoint sources be `.bin`/`.pt` files (read with `weights_only=True`).
 
-    Every check (layers, shapes, sources) runs before the model is modified.
+    Every check (layers, shapes, sources, and that each MoE block with copied experts computes its dense FFN)
+    runs before the model is modified; the model is either fully upcycled or untouched.
     """
     if not isinstance(spec, UpcycleSpec):
         from moekit.config import parse_config
@@ -132,12 +136,14 @@ def upcycle(
         )
     descriptions = {e.name: (s.description if s is not None else "base") for e, s in zip(spec.experts, resolved)}
     record = build_record(spec, adapter, layers, descriptions)
-    dense = {layer: ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn) for layer in layers}
+    check_layers(model, adapter, record, layers)  # function preservation, proven on every layer to convert
     context = new_context(record)
-    blocks = install_blocks(model, record, context)
+    blocks = build_blocks(model, record, context)  # nothing in the model changes until every block is ready
     for layer, block in blocks.items():
-        _fill_block(block, layer, spec, resolved, dense.pop(layer), expert_inits)
+        dense = ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn)
+        _fill_block(block, layer, spec, resolved, dense, expert_inits)
         _init_router(block, layer, spec, prototypes, router_init)
+    place_blocks(model, record, blocks)
     _swap_classes(model, adapter, record)
     attach_context(model, context)
     return model
