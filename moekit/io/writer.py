@@ -59,7 +59,10 @@ class Shard:
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int, prefix: str = "model") -> list[Shard]:
-    """Group tensors, in order, into shards of at most `max_shard_bytes` (a bigger single tensor gets its own)."""
+    """Group tensors, in order, into shards of at most `max_shard_bytes` (a bigger single tensor gets its own).
+
+    Names follow the hub convention (`huggingface_hub.save_torch_state_dict`): one shard is `model.safetensors`,
+    several are `model-00001-of-0000N.safetensors` with an index."""
     groups: list[list[PlannedTensor]] = [[]]
     size = 0
     for tensor in tensors:
@@ -69,6 +72,8 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int, prefix: str 
         groups[-1].append(tensor)
         size += tensor.nbytes
     count = len(groups)
+    if count == 1:
+        return [Shard(f"{prefix}.safetensors", groups[0])]
     return [Shard(f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors", group) for i, group in enumerate(groups)]
 
 
@@ -120,6 +125,9 @@ def write_shard(
 
 
 def write_index(directory: Path, shards: list[Shard], name: str = "model.safetensors.index.json") -> None:
+    """The weight map of a sharded checkpoint (none for a single `model.safetensors`, as the hub writes)."""
+    if len(shards) == 1:
+        return
     weight_map = {t.key: s.name for s in shards for t in s.tensors}
     index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
     (directory / name).write_text(json.dumps(index, indent=2, sort_keys=True))

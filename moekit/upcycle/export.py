@@ -1,127 +1,195 @@
 """`moekit export --native`: rewrite a moekit checkpoint as transformers' stock MoE twin of its family.
 
-Stock classes load the result without moekit (and vLLM / SGLang can serve it). The on-disk layout of the twin
-(per-expert keys for Mixtral and Qwen3-MoE, transposed fused experts for Qwen3-VL-MoE) comes from
-transformers' own reverse weight conversion, so moekit keeps no second copy of those formats.
+The files follow the layout of the twin's released checkpoints (per-expert or fused tensors, their names and
+shapes, `moekit.upcycle.twins`), written by moekit itself, so serving engines that read those layouts (vLLM,
+SGLang, llama.cpp) load them, and stock transformers loads them without moekit. The config carries the keys of
+transformers 5 and the older names transformers 4.57 reads (`rope_theta`, `rope_scaling`, `num_experts`, ...).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 
+from moekit.arch import ArchAdapter
+from moekit.arch.detect import text_config
 from moekit.config.provenance import PROVENANCE_FILES, Provenance, read_provenance, write_provenance
 from moekit.config.record import MoeRecord
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
 from moekit.io.files import copy_side_files
-from moekit.io.names import KeyNames, _Probe
+from moekit.io.names import KeyNames
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointReader
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.load import read_record
 from moekit.modeling.meta_model import meta_model, read_config
+from moekit.upcycle.twins import REFUSED, TWINS, Twin, expert_shapes, expert_tensors, sparsity_keys, twin_for
 
-TWINS = {"qwen3_vl": "qwen3_vl_moe", "qwen3": "qwen3_moe", "llama": "mixtral", "mistral": "mixtral"}
-SUPPORTED = (
-    "qwen3_vl -> qwen3_vl_moe (any layer layout), qwen3 -> qwen3_moe (any layer layout), "
-    "llama / mistral -> mixtral (every layer MoE: --layers full); all without shared expert or FFN biases"
-)
 DROP_KEYS = ("model_type", "architectures", "moekit", "transformers_version", "auto_map", "_name_or_path")
 
 
 class ExportError(ValueError):
-    """The checkpoint has no stock twin; the message says why and which layouts would work."""
+    """The checkpoint has no stock twin or a layout the twin cannot express; the message says what to change."""
 
 
-def sparse_layout(moe_layers: list[int], num_layers: int) -> tuple[int, list[int]]:
-    """(decoder_sparse_step, mlp_only_layers) of Qwen3-(VL-)MoE that make exactly `moe_layers` sparse.
-
-    A layer is sparse there when `idx not in mlp_only_layers and (idx + 1) % step == 0`.
-    """
-    wanted = set(moe_layers)
-    for step in range(2, num_layers + 1):
-        if wanted == {i for i in range(num_layers) if (i + 1) % step == 0}:
-            return step, []
-    return 1, [i for i in range(num_layers) if i not in wanted]
+def supported() -> str:
+    """What each dense family can become, for `--list` and error messages."""
+    rows = [f"{', '.join(t.sources)} -> {t.model_type}" for t in TWINS.values()]
+    return "; ".join(rows)
 
 
-def _text_fields(config: PreTrainedConfig) -> dict[str, Any]:
+def _fields(config: PreTrainedConfig) -> dict[str, Any]:
     data = config.to_dict()
     return {k: v for k, v in data.items() if k not in DROP_KEYS and not k.startswith("_")}
 
 
-def native_config(config: PreTrainedConfig, record: MoeRecord) -> PreTrainedConfig:
-    """The stock twin's config for a moekit config (raises ExportError when there is none)."""
-    base = record.base_model_type
-    twin = TWINS.get(base)
+def _check(record: MoeRecord, source: Path) -> Twin:
+    if (source / "adapter_config.json").is_file():
+        raise ExportError(f"{source} is a LoRA adapter, not a model: merge it first (a stage with `save: full`)")
+    twin = twin_for(record.base_model_type)
     if twin is None:
+        reason = REFUSED.get(record.base_model_type) or "transformers has no MoE class with this family's layers"
         raise ExportError(
-            f"{base} has no stock MoE twin in transformers, so only moekit can load it (moekit.load). Exportable: {SUPPORTED}"
+            f"{record.base_model_type} has no stock MoE twin: {reason}. Only moekit loads it (moekit.load). "
+            f"Exportable: {supported()}"
         )
-    if record.shared_expert:
-        raise ExportError(f"{twin} has no shared expert; this checkpoint has one. Exportable: {SUPPORTED}")
     if record.biased or record.arch.ffn.kind != "gated":
         raise ExportError(
-            f"{twin} experts are bias-free SwiGLU; this checkpoint's FFN is {record.arch.ffn.kind} with "
+            f"{twin.model_type} experts are bias-free SwiGLU; this checkpoint's FFN is {record.arch.ffn.kind} with "
             f"biases={record.biased}"
         )
-    num_layers, layers = record.num_layers, record.layers
-    moe = {"num_experts_per_tok": record.top_k}
-    if twin == "mixtral":
-        if layers != list(range(num_layers)):
-            raise ExportError(
-                f"mixtral makes every decoder layer MoE; this checkpoint has MoE layers {layers} of {num_layers}. "
-                f"Upcycle with --layers full to export, or keep the moekit checkpoint. Exportable: {SUPPORTED}"
-            )
-        text = _text_fields(config)
-        if text.get("attention_bias") or text.get("mlp_bias"):
-            raise ExportError("mixtral has no attention or MLP biases; this llama config uses them")
-        text.update(
-            moe,
-            num_local_experts=record.num_experts,
-            intermediate_size=record.intermediate_size,
-            router_aux_loss_coef=record.aux_loss_coef,
+    if record.shared_expert and twin.shared == "none":
+        raise ExportError(
+            f"{twin.model_type} has no shared expert; this checkpoint has one. Upcycle without shared_expert to export"
         )
-        for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+    return twin
+
+
+def native_config(config: PreTrainedConfig, record: MoeRecord, twin: Twin) -> PreTrainedConfig:
+    """The stock twin's config for a moekit config (ExportError when the layers cannot be expressed)."""
+    try:
+        moe = sparsity_keys(twin, record)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    experts, per_token, width = twin.keys
+    moe.update({experts: record.num_experts, per_token: record.top_k, "intermediate_size": record.intermediate_size})
+    if width is not None:
+        moe[width] = record.intermediate_size
+    if twin.shared == "sigmoid":
+        moe["shared_expert_intermediate_size"] = record.intermediate_size
+    moe.update(twin.config, router_aux_loss_coef=record.aux_loss_coef)
+    if not twin.text_config:
+        text = _fields(config)
+        if text.get("attention_bias") and twin.model_type in ("mixtral", "flex_olmo"):
+            raise ExportError(f"{twin.model_type} has no attention biases; this {config.model_type} config uses them")
+        for key in ("mlp_bias", "pretraining_tp"):
             text.pop(key, None)
-        return AutoConfig.for_model("mixtral", **text)
-    step, mlp_only = sparse_layout(layers, num_layers)
-    moe.update(
-        num_experts=record.num_experts,
-        moe_intermediate_size=record.intermediate_size,
-        decoder_sparse_step=step,
-        mlp_only_layers=mlp_only,
-        router_aux_loss_coef=record.aux_loss_coef,
-    )
-    if twin == "qwen3_moe":
-        text = _text_fields(config)
-        text.update(moe, norm_topk_prob=True)
-        return AutoConfig.for_model("qwen3_moe", **text)
-    text = _text_fields(config.text_config)
-    text.update(moe)
-    vision = _text_fields(config.vision_config)
-    top = {k: v for k, v in _text_fields(config).items() if k not in ("text_config", "vision_config")}
-    return AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, **top)
+        return AutoConfig.for_model(twin.model_type, **{**text, **moe})
+    text = {**_fields(config.text_config), **moe}
+    vision = _fields(config.vision_config)
+    top = {k: v for k, v in _fields(config).items() if k not in ("text_config", "vision_config")}
+    return AutoConfig.for_model(twin.model_type, text_config=text, vision_config=vision, **top)
 
 
-class _Reverter:
-    """transformers' reverse conversion for the stock class, computed once."""
+def legacy_keys(data: dict[str, Any], twin: Twin) -> dict[str, Any]:
+    """Add the config keys transformers 4.57 reads where 5.x renamed them (5.x reads the file the same)."""
+    rope = data.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        data.setdefault("rope_theta", rope["rope_theta"])
+        rest = {k: v for k, v in rope.items() if k != "rope_theta"}
+        data.setdefault("rope_scaling", None if rest in ({}, {"rope_type": "default"}) else rest)
+    if "num_local_experts" in data and "num_experts" not in data:
+        data["num_experts"] = data["num_local_experts"]
+    if "num_experts" in data and twin.keys[0] == "num_experts":
+        data.setdefault("num_local_experts", data["num_experts"])
+    if "norm_topk_prob" in twin.config:
+        data["norm_topk_prob"] = twin.config["norm_topk_prob"]
+    return data
 
-    def __init__(self, model: torch.nn.Module):
-        conversions = [
-            c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)
-        ]
-        self.probe = _Probe(model, conversions) if conversions else None
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.probe is None:
-            return dict(tensors)
-        return revert_weight_conversion(self.probe, dict(tensors))
+def _write_config(target: PreTrainedConfig, twin: Twin, folder: Path) -> None:
+    target.save_pretrained(folder)
+    file = folder / "config.json"
+    data = json.loads(file.read_text())
+    data = legacy_keys(data, twin)
+    if twin.text_config:
+        data["text_config"] = legacy_keys(data["text_config"], twin)
+        data["text_config"].setdefault("tie_word_embeddings", data.get("tie_word_embeddings", False))
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class _Layers:
+    """The MoE tensors of one layer in the twin's layout, built on first use and kept until the next layer."""
+
+    def __init__(self, reader: CheckpointReader, names: KeyNames, adapter: ArchAdapter, record: MoeRecord, twin: Twin):
+        self.reader, self.names, self.adapter, self.record, self.twin = reader, names, adapter, record, twin
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def load(self, key: str) -> torch.Tensor:
+        found = self.names.find(key, self.reader)
+        if found is None:
+            raise ExportError(f"{self.reader.path}: no tensor for {key}")
+        return self.reader.get(found)
+
+    def prefix(self, layer: int) -> str:
+        return f"{self.adapter.layers}.{layer}.{self.twin.moe}"
+
+    def ours(self, layer: int) -> str:
+        return self.adapter.ffn_prefix(layer)
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        if layer not in self.cache:
+            self.cache.clear()
+            self.cache[layer] = self._build(layer)
+        return self.cache[layer]
+
+    def _build(self, layer: int) -> dict[str, torch.Tensor]:
+        ours, prefix, twin = self.ours(layer), self.prefix(layer), self.twin
+        up, down = self.load(f"{ours}.experts.gate_up_proj"), self.load(f"{ours}.experts.down_proj")
+        out = {f"{prefix}.{twin.router}": self.load(f"{ours}.gate.weight")}
+        if twin.shared == "sigmoid":
+            shared, down = self._shared(layer, down)
+            out.update(shared)
+        out.update(expert_tensors(twin, prefix, up, down))
+        if twin.extra is not None:
+            out.update(twin.extra(prefix, self.record.num_experts))
+        return out
+
+    def _shared(self, layer: int, down: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Qwen-style shared expert `sigmoid(gate(x)) * shared(x)` added to the routed output. moekit's mix is
+        `(1 - s) * routed + s * shared` with s = sigmoid(its gate): equal when its gate is zero (s = 0.5) and the
+        routed down projections are halved. Without a moekit shared expert, a zero one adds exactly nothing."""
+        prefix, ours, hidden = self.prefix(layer), self.ours(layer), self.record.hidden_size
+        width = self.record.intermediate_size
+        dtype = down.dtype
+        names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        if not self.record.shared_expert:
+            zeros = {
+                "gate": torch.zeros(width, hidden, dtype=dtype),
+                "up": torch.zeros(width, hidden, dtype=dtype),
+                "down": torch.zeros(hidden, width, dtype=dtype),
+            }
+            out = {f"{prefix}.shared_expert.{names[k]}.weight": v for k, v in zeros.items()}
+            out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
+            return out, down
+        gate = self.load(f"{ours}.shared_expert.gate.weight")
+        if bool(gate.ne(0).any()):
+            raise ExportError(
+                f"layer {layer}: the shared expert's gate was trained (non-zero); the twin's shared expert adds "
+                "sigmoid(gate) * shared(x) and cannot express moekit's convex mix then. Keep the moekit checkpoint"
+            )
+        ffn = self.adapter.ffn
+        roles = {"gate": ffn.gate, "up": ffn.up, "down": ffn.down}
+        out = {
+            f"{prefix}.shared_expert.{names[k]}.weight": self.load(f"{ours}.shared_expert.expert.{v}.weight")
+            for k, v in roles.items()
+        }
+        out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=gate.dtype)
+        return out, down * 0.5
 
 
 def export_native(
@@ -134,68 +202,42 @@ def export_native(
 ) -> Path:
     """Write the stock-twin checkpoint of the moekit checkpoint `source` to `output` (atomically)."""
     source, output = Path(source), Path(output)
+    if (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
+        raise ExportError(f"{source} is a LoRA adapter, not a model: merge it first (a stage with `save: full`)")
     record = read_record(source)
+    twin = _check(record, source)
     config = read_config(source)
-    target = native_config(config, record)
+    target = native_config(config, record, twin)
     if not overwrite and is_nonempty_dir(output):
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
     reader = CheckpointReader(source)
     ours = meta_model(config)
     stock = meta_model(target)
-    our_names = KeyNames(ours)
-    revert = _Reverter(stock)
-    stock_params = dict(stock.named_parameters())
-    groups: dict[str, list[str]] = {}  # one group per MoE layer's experts, converted together
-    singles: list[str] = []
-    for name, param in ours.named_parameters():
-        if name not in stock_params or tuple(stock_params[name].shape) != tuple(param.shape):
-            raise ExportError(f"internal: {name} {tuple(param.shape)} has no counterpart in {type(stock).__name__}")
-        if ".experts." in name:
-            groups.setdefault(name.rsplit(".experts.", 1)[0], []).append(name)
-        else:
-            singles.append(name)
-    tied = {
-        n
-        for n in singles
-        if our_names.find(n, reader) is None
-        and n.endswith("lm_head.weight")
-        and config.get_text_config().tie_word_embeddings
-    }
-
-    def load(name: str) -> torch.Tensor:
-        key = our_names.find(name, reader)
+    adapter = ArchAdapter.from_record(record)
+    names = KeyNames(ours)
+    layers = _Layers(reader, names, adapter, record, twin)
+    moe_modules = {f"{adapter.layers}.{i}.{_moe_attr(stock, adapter, i)}." for i in record.layers}
+    tied = getattr(text_config(target), "tie_word_embeddings", False) or getattr(target, "tie_word_embeddings", False)
+    ours_params = dict(ours.named_parameters())
+    planned: list[PlannedTensor] = []
+    for name, param in stock.named_parameters():
+        if any(name.startswith(m) for m in moe_modules):
+            continue
+        if name.endswith("lm_head.weight") and tied and names.find(name, reader) is None:
+            continue
+        if name not in ours_params or tuple(ours_params[name].shape) != tuple(param.shape):
+            raise ExportError(f"internal: {name} {tuple(param.shape)} of {type(stock).__name__} has no counterpart")
+        key = names.find(name, reader)
         if key is None:
             raise ExportError(f"{source}: no tensor for {name}")
-        return reader.get(key)
-
-    planned: list[PlannedTensor] = []
-    for name in singles:
-        if name in tied:
-            continue
-        (out_name,) = revert({name: torch.empty(stock_params[name].shape, device="meta")})
-        planned.append(
-            PlannedTensor(
-                out_name,
-                tuple(stock_params[name].shape),
-                getattr(torch, reader.dtype(our_names.find(name, reader) or name)),
-                lambda name=name: load(name),
-            )
-        )
-    cache: dict[str, dict[str, torch.Tensor]] = {}
-    for prefix, names in groups.items():
-        dtype = getattr(torch, reader.dtype(our_names.find(names[0], reader)))
-        shapes = revert({n: torch.empty(stock_params[n].shape, device="meta", dtype=dtype) for n in names})
-
-        def produce(key: str, prefix=prefix, names=names) -> torch.Tensor:
-            if prefix not in cache:
-                cache.clear()
-                cache[prefix] = revert({n: load(n) for n in names})
-            return cache[prefix][key].contiguous()
-
-        for key, tensor in shapes.items():
-            planned.append(
-                PlannedTensor(key, tuple(tensor.shape), dtype, lambda key=key, produce=produce: produce(key))
-            )
+        dtype = getattr(torch, reader.dtype(key))
+        planned.append(PlannedTensor(name, tuple(param.shape), dtype, lambda key=key: reader.get(key)))
+    dtype = getattr(
+        torch, reader.dtype(names.find(f"{adapter.ffn_prefix(record.layers[0])}.experts.down_proj", reader))
+    )
+    for layer in record.layers:
+        for key, shape, kind in _layer_plan(layers, layer, stock, dtype):
+            planned.append(PlannedTensor(key, shape, kind, lambda layer=layer, key=key: layers.tensors(layer)[key]))
     shards = plan_shards(planned, max_shard_bytes)
     total = sum(s.nbytes for s in shards)
     with (
@@ -206,17 +248,45 @@ def export_native(
             write_shard(tmp / shard.name, shard, {"format": "pt"}, on_tensor=bar.advance)
         write_index(tmp, shards)
         target.architectures = [type(stock).__name__]
-        target.save_pretrained(tmp)
+        _write_config(target, twin, tmp)
         copy_side_files(source, tmp, ("config.json", *PROVENANCE_FILES))
         made = read_provenance(source)
         write_provenance(
             tmp,
             Provenance(
                 made_by="moekit export --native",
-                spec=made.spec if made else record.spec,
-                sources=made.sources if made else record.sources,
+                spec=made.spec if made and made.spec else record.spec,
+                sources=made.sources if made and made.sources else record.sources,
                 moe_layers=record.layers,
-                params={"source": str(source.resolve()), "target": target.model_type},
+                params={"source": str(source.resolve()), "target": twin.model_type, "layout": twin.released},
             ),
         )
     return output
+
+
+def _moe_attr(stock: torch.nn.Module, adapter: ArchAdapter, layer: int) -> str:
+    """The stock layer's attribute holding its MoE block (the child with experts)."""
+    module = stock.get_submodule(adapter.layers)[layer]
+    for name, child in module.named_children():
+        if hasattr(child, "experts"):
+            return name
+    raise ExportError(f"internal: layer {layer} of {type(stock).__name__} has no MoE block")
+
+
+def _layer_plan(layers: _Layers, layer: int, stock: torch.nn.Module, dtype: torch.dtype) -> list[tuple]:
+    """(name, shape, dtype) of every tensor the layer's MoE block is written as, without reading weights."""
+    record, twin, prefix = layers.record, layers.twin, layers.prefix(layer)
+    hidden, width, experts = record.hidden_size, record.intermediate_size, record.num_experts
+    out = [(f"{prefix}.{twin.router}", (experts, hidden), dtype)]
+    if twin.shared == "sigmoid":
+        for proj, shape in (
+            ("gate_proj", (width, hidden)),
+            ("up_proj", (width, hidden)),
+            ("down_proj", (hidden, width)),
+        ):
+            out.append((f"{prefix}.shared_expert.{proj}.weight", shape, dtype))
+        out.append((f"{prefix}.shared_expert_gate.weight", (1, hidden), dtype))
+    out += [(k, s, dtype) for k, s in expert_shapes(twin, prefix, experts, hidden, width).items()]
+    if twin.extra is not None:
+        out += [(k, tuple(v.shape), v.dtype) for k, v in twin.extra(prefix, experts).items()]
+    return out
