@@ -97,6 +97,8 @@ def test_gate_order_and_activation_are_settled_by_what_the_ffn_computes():
 
 
 class ResidualMLP(nn.Module):
+    """BLOOM / MPT style: the FFN adds the residual itself, `mlp(x, residual)`."""
+
     def __init__(self, mlp):
         super().__init__()
         self.up_proj, self.gate_proj, self.down_proj, self.act_fn = (
@@ -110,11 +112,23 @@ class ResidualMLP(nn.Module):
         return residual + self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_an_ffn_with_an_unusual_signature_is_refused():
+class MaskedMLP(ResidualMLP):
+    def forward(self, x, mask):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * mask
+
+
+def test_an_ffn_that_adds_the_residual_keeps_doing_so_and_other_signatures_are_refused():
     model = tiny_model("llama")
     for layer in model.model.layers:
         layer.mlp = ResidualMLP(layer.mlp)
-    with pytest.raises(ArchError, match=r"its forward takes \(x, residual\), not just the hidden states"):
+    x, residual = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    dense = model.model.layers[1].mlp(x, residual)
+    moe = moekit.upcycle(model, SPEC)
+    torch.testing.assert_close(moe.model.layers[1].mlp(x, residual), dense, atol=1e-5, rtol=0)
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp = MaskedMLP(layer.mlp)
+    with pytest.raises(ArchError, match=r"its forward takes \(x, mask\), not just the hidden states"):
         moekit.upcycle(model, SPEC)
 
 
@@ -140,8 +154,8 @@ def test_conv1d_projections_gpt2_keep_the_function_in_memory_and_streaming(tmp_p
     torch.testing.assert_close(logits(moekit.load(tmp_path / "moe").eval(), batch), dense, atol=1e-5, rtol=0)
 
 
-def test_an_ffn_inline_in_the_layer_is_refused_with_the_reason():
-    config = OPTConfig(
+def _opt_config() -> OPTConfig:
+    return OPTConfig(
         hidden_size=32,
         ffn_dim=48,
         num_hidden_layers=2,
@@ -150,11 +164,32 @@ def test_an_ffn_inline_in_the_layer_is_refused_with_the_reason():
         word_embed_proj_dim=32,
         max_position_embeddings=64,
     )
-    with pytest.raises(ArchError) as info:
-        moekit.upcycle(OPTForCausalLM(config).eval(), SPEC)
-    text = str(info.value)
-    assert "OPTForCausalLM (opt) cannot be upcycled: no FFN module: the FFN is inline in the layer" in text
-    assert "fc1, fc2 of OPTDecoderLayer" in text and "arch: {layers:" in text
+
+
+def test_an_ffn_inline_in_the_layer_gets_a_block_beside_it_whose_halves_take_the_projections_places(tmp_path):
+    config = _opt_config()
+    torch.manual_seed(0)
+    model = OPTForCausalLM(config).eval()
+    batch = {"input_ids": torch.randint(3, 90, (2, 9))}
+    dense = logits(model, batch)
+    adapter = resolve_arch(model)
+    assert adapter.inline and (adapter.mlp, adapter.ffn.up, adapter.ffn.down) == ("moe", "fc1", "fc2")
+    spec = moekit.UpcycleSpec(
+        layers="full", num_experts=3, top_k=2, experts=[{"name": f"e{i}", "noise_scale": 0.2} for i in range(3)]
+    )
+    moe = moekit.upcycle(model, spec)
+    layer = moe.model.decoder.layers[1]
+    assert type(layer.fc1).__name__ == "InlineUp" and not list(layer.fc1.parameters())
+    assert sorted(n for n, _ in layer.named_parameters() if ".experts." in f".{n}")[:1] == ["moe.experts.down_proj"]
+    out = logits(moe, batch)
+    assert not torch.allclose(out, dense)  # the experts differ, so the routing matters
+    loss = moe(**batch, labels=batch["input_ids"]).loss + moekit.router_losses(moe).total(0.01)
+    loss.backward()  # gradients reach the experts and the router through both halves
+    assert layer.moe.experts.up_proj.grad.abs().sum() > 0 and layer.moe.gate.weight.grad.abs().sum() > 0
+    moe.save_pretrained(tmp_path / "moe")
+    torch.testing.assert_close(logits(moekit.load(tmp_path / "moe").eval(), batch), out, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="inline in the layer, which moekit upcycles without a shared expert"):
+        moekit.upcycle(OPTForCausalLM(_opt_config()), moekit.UpcycleSpec(layers="full", shared_expert=True))
 
 
 def test_bad_overrides_name_the_module_path_and_shapes():

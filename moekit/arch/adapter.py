@@ -110,16 +110,38 @@ class ArchAdapter:
     visual: VisualSite | None = None
     model_class: str | None = None  # the dense transformers class the model was (for moekit's class)
     settled: bool = True  # False when names, not a probe, chose the gate order (meta-device models)
+    inline: bool = False  # the FFN's projections are the decoder layer's own children (OPT's fc1 / fc2)
     extra: dict = field(default_factory=dict, compare=False)
 
     def layer(self, model: nn.Module, index: int) -> nn.Module:
         return model.get_submodule(self.layers)[index]
 
     def ffn_module(self, model: nn.Module, index: int) -> nn.Module:
-        return getattr(self.layer(model, index), self.mlp)
+        """The module whose children are layer `index`'s dense FFN projections (the layer itself when inline)."""
+        layer = self.layer(model, index)
+        return layer if self.inline else layer.get_submodule(self.mlp)
 
     def ffn_prefix(self, index: int) -> str:
-        """Module path of layer `index`'s FFN, e.g. `model.language_model.layers.4.mlp`."""
+        """Module path of layer `index`'s dense FFN, e.g. `model.language_model.layers.4.mlp` (the layer's path
+        when the FFN is inline)."""
+        return f"{self.layers}.{index}" if self.inline else f"{self.layers}.{index}.{self.mlp}"
+
+    def ffn_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The dense FFN's parameters in one decoder layer (its projections' when the FFN is inline)."""
+        if self.inline:
+            return [p for name in self.ffn.projections() for p in getattr(layer, name).parameters()]
+        return list(layer.get_submodule(self.mlp).parameters())
+
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The module at the FFN's place in one decoder layer: its MoE block once upcycled (None for inline FFNs
+        still dense)."""
+        try:
+            return layer.get_submodule(self.mlp)
+        except AttributeError:
+            return None
+
+    def moe_prefix(self, index: int) -> str:
+        """Module path of layer `index`'s MoE block once upcycled."""
         return f"{self.layers}.{index}.{self.mlp}"
 
     @classmethod
@@ -142,6 +164,7 @@ class ArchAdapter:
             known=family is not None,
             visual=family.visual if family is not None else None,
             model_class=record.model_class,
+            inline=arch.inline,
         )
 
     def settled_on(self, ffn: nn.Module, config: Any) -> ArchAdapter:
@@ -160,6 +183,7 @@ class ArchAdapter:
         return ArchRecord(
             layers=self.layers,
             mlp=self.mlp,
+            inline=self.inline,
             ffn=self.ffn.to_record(),
             image_token_ids=list(self.image_token_ids),
             video_token_ids=list(self.video_token_ids),
@@ -228,9 +252,14 @@ def _describe(module: nn.Module) -> str:
 def _layers(model: nn.Module, override, family) -> tuple[str, nn.ModuleList]:
     path = override.layers if override is not None else getattr(family, "layers", None)
     if path is None:
+        if _encoder_only(model):
+            raise _refuse_layers(model, ENCODER_ONLY)
         try:
             return detect.find_layers(model)
         except detect.DetectError as exc:
+            why = _not_a_dense_decoder(model)
+            if why is not None:
+                raise _refuse_layers(model, why) from None
             inline = []
             hidden = detect.hidden_size(model.config)
             for name, module in model.named_modules():
@@ -253,6 +282,35 @@ def _layers(model: nn.Module, override, family) -> tuple[str, nn.ModuleList]:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ArchError(f"{path!r} in {type(model).__name__} is {type(layers).__name__}, not a non-empty ModuleList")
     return path, layers
+
+
+ENCODER_ONLY = "encoder-only: its layers are an encoder (BERT-style); moekit upcycles decoders"
+
+
+def _encoder_only(model: nn.Module) -> bool:
+    """A BERT-style model (its only layer lists sit in an `encoder`), even when used as a causal LM."""
+    lists = [p for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    encoder = [p for p in lists if ".encoder." in f".{p}." and not _in_vision(p)]
+    decoder = [p for p in lists if "decoder" in p or "language_model" in p or "text_model" in p]
+    return bool(encoder) and not decoder and not any(p.endswith(("model.layers", "transformer.h")) for p in lists)
+
+
+def _in_vision(path: str) -> bool:
+    return any(w in path for w in ("vision", "visual", "image", "audio"))
+
+
+def _not_a_dense_decoder(model: nn.Module) -> str | None:
+    """Why a model with no findable decoder FFN is not a dense decoder at all (already MoE, encoder-only,
+    state-space), or None."""
+    moe = detect.moe_module(model)
+    if moe is not None:
+        return f"already MoE: {moe} routes tokens to experts; moekit upcycles dense models"
+    if _encoder_only(model):
+        return ENCODER_ONLY
+    kinds = {type(m).__name__.lower() for m in model.modules()}
+    if any(w in k for k in kinds for w in detect.SSM_WORDS):
+        return "no FFN: its layers are state-space / recurrent mixers without a separate feed-forward network"
+    return None
 
 
 def _override_layout(ffn: nn.Module, override, where: str) -> tuple[FfnLayout, int, int]:
@@ -285,6 +343,12 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     cached = model.__dict__.get("_moekit_arch")
     if override is None and cached is not None:
         return cached  # detection probes the FFN: do it once per model (it may be sharded later)
+    moe = detect.moe_module(model)
+    if moe is not None and override is None:
+        raise ArchError(
+            f"{type(model).__name__} ({config.model_type}) cannot be upcycled: already MoE: {moe} routes tokens to "
+            "experts; moekit upcycles dense models (upcycle the family's dense relative instead)"
+        )
     family = family_for(config.model_type)
     layers_path, layers = _layers(model, override, family)
     first = layers[0]
@@ -308,15 +372,22 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     else:
         found = detect.find_ffn(first, hidden)
         if found is None:
-            inline = detect.inline_ffn(first, hidden)
-            reason = (
-                f"no FFN module: the FFN is inline in the layer ({', '.join(inline)} of {type(first).__name__}), "
-                "and moekit replaces FFN modules"
-                if inline
-                else f"no child of {where} ({type(first).__name__}) is an FFN of width {hidden}: {_describe(first)}"
+            inline_match = detect.match_ffn(first, hidden) if hidden else None
+            if inline_match is None or inline_match[0] != "plain":
+                reason = (
+                    f"no FFN module: the gated FFN is inline in the layer ({type(first).__name__})"
+                    if inline_match is not None
+                    else f"no child of {where} ({type(first).__name__}) is an FFN of width {hidden}: {_describe(first)}"
+                )
+                raise _refuse_layers(model, reason)
+            return _inline_adapter(model, layers_path, layers, inline_match, family)
+        mlp, ffn = found.attr, first.get_submodule(found.attr)
+        if any(w in type(ffn).__name__.lower() for w in detect.SSM_WORDS):
+            raise _refuse_layers(
+                model,
+                f"no FFN: {where}.{mlp} ({type(ffn).__name__}) is a state-space / recurrent mixer, not a feed-forward "
+                "network",
             )
-            raise _refuse_layers(model, reason)
-        mlp, ffn = found.attr, getattr(first, found.attr)
         match = (found.kind, list(found.ups), found.down, found.intermediate)
     problem = detect.signature_problem(ffn)
     if problem is not None:
@@ -347,6 +418,48 @@ def resolve_arch(model: nn.Module, override=None) -> ArchAdapter:
     )
     if override is None and settled:
         model.__dict__["_moekit_arch"] = adapter
+    return adapter
+
+
+def _inline_adapter(model: nn.Module, layers_path: str, layers: nn.ModuleList, match: tuple, family) -> ArchAdapter:
+    """An FFN written into the layer (up -> activation -> down with the layer's own modules): the MoE block goes
+    beside them as `moe`, and they are replaced by its two halves (moekit.moe.inline)."""
+    _, ups, down, intermediate = match
+    first = layers[0]
+    act = detect.activation_attr(first)
+    names = detect.config_activations(model.config)
+    if act is None and not names:
+        raise ArchError(
+            f"{layers_path}.0 ({type(first).__name__}): its inline FFN's activation is neither a module of the layer "
+            "nor named by the config (hidden_act / activation_function)"
+        )
+    layout = FfnLayout(
+        "plain",
+        up=ups[0].name,
+        down=down.name,
+        act=act or "act_fn",
+        act_fn=None if act else names[0],
+        transposed=down.transposed,
+    )
+    config = model.config
+    adapter = ArchAdapter(
+        model_type=config.model_type,
+        layers=layers_path,
+        mlp="moe",
+        ffn=layout,
+        auto=auto_kind(model),
+        num_layers=len(layers),
+        hidden_size=down.out_features,
+        intermediate_size=intermediate,
+        image_token_ids=_token_ids(config, IMAGE_TOKEN_KEYS),
+        video_token_ids=_token_ids(config, VIDEO_TOKEN_KEYS),
+        biased=any(getattr(first, p).bias is not None for p in layout.projections()),
+        known=family is not None,
+        visual=family.visual if family is not None else None,
+        model_class=type(model).__name__,
+        inline=True,
+    )
+    model.__dict__["_moekit_arch"] = adapter
     return adapter
 
 

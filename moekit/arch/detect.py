@@ -123,11 +123,23 @@ def match_ffn(module: nn.Module, hidden: int) -> tuple[str, list[Projection], Pr
     return None
 
 
+ACT_WORDS = ("gelu", "silu", "relu", "swish", "mish", "tanh", "sigmoid", "act")
+
+
 def activation_attr(ffn: nn.Module) -> str | None:
+    """A child of `ffn` that is its activation: a known activation class, else a parameter-free child whose class
+    says so (BLOOM's `BloomGelu`)."""
     for name in ACT_ATTRS:
         if isinstance(getattr(ffn, name, None), ACT_CLASSES):
             return name
-    return next((name for name, child in ffn.named_children() if isinstance(child, ACT_CLASSES)), None)
+    found = next((name for name, child in ffn.named_children() if isinstance(child, ACT_CLASSES)), None)
+    if found is not None:
+        return found
+    for name, child in ffn.named_children():
+        plain = not any(True for _ in child.parameters())
+        if plain and any(w in type(child).__name__.lower() for w in ACT_WORDS):
+            return name
+    return None
 
 
 def config_activations(config: Any) -> list[str]:
@@ -141,22 +153,47 @@ def config_activations(config: Any) -> list[str]:
     return out
 
 
-def find_ffn(layer: nn.Module, hidden: int) -> FfnMatch | None:
-    """The child of `layer` that is its FFN, by what its projections compute."""
-    for attr, child in layer.named_children():
-        if isinstance(child, nn.ModuleList):
+FFN_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "mlp_block", "fc")
+
+
+def find_ffn(layer: nn.Module, hidden: int, depth: int = 3) -> FfnMatch | None:
+    """The module inside `layer` that is its FFN, by what its projections compute: a child, or deeper (T5's
+    `layer.2.DenseReluDense`; `attr` is then a dotted path). Shallower modules come first, and among them those
+    whose name says FFN (a recurrent block may have projections of the same shapes)."""
+    found = []
+    for path, module in layer.named_modules():
+        level = path.count(".") + 1
+        if not path or level > depth or isinstance(module, nn.ModuleList):
             continue
-        matched = match_ffn(child, hidden)
+        matched = match_ffn(module, hidden)
         if matched is not None:
-            kind, ups, down, width = matched
-            return FfnMatch(attr, kind, tuple(ups), down, width, activation_attr(child))
-    return None
+            named = any(w in path.lower() for w in FFN_NAMES) or "dense" in type(module).__name__.lower()
+            found.append(((level, not named), path, module, matched))
+    if not found:
+        return None
+    _, attr, module, (kind, ups, down, width) = min(found, key=lambda item: item[0])
+    return FfnMatch(attr, kind, tuple(ups), down, width, activation_attr(module))
 
 
 def inline_ffn(layer: nn.Module, hidden: int) -> list[str]:
     """Projection names of an FFN written straight into the layer (OPT's fc1/fc2), if any."""
     matched = match_ffn(layer, hidden)
     return [] if matched is None else [p.name for p in (*matched[1], matched[2])]
+
+
+MOE_WORDS = ("moe", "sparse", "experts", "expert")
+SSM_WORDS = ("mamba", "rwkv", "xlstm", "mixer")
+
+
+def moe_module(model: nn.Module) -> str | None:
+    """Path and class of a module that is already a mixture of experts (routed experts inside), if any."""
+    for path, module in model.named_modules():
+        name = type(module).__name__.lower()
+        experts = getattr(module, "experts", None)
+        names = name + " " + type(experts).__name__.lower()
+        if (isinstance(experts, nn.Module) and any(w in names for w in MOE_WORDS)) or "sparsemoe" in name:
+            return f"{path} ({type(module).__name__})"
+    return None
 
 
 def module_paths(model: nn.Module) -> dict[int, str]:
@@ -216,8 +253,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return path, layers
 
 
-def signature_problem(ffn: nn.Module) -> str | None:
-    """Why `ffn(hidden_states)` alone would not call this FFN, or None."""
+def _required_args(ffn: nn.Module) -> tuple[list[str], list[str]] | None:
     try:
         params = list(inspect.signature(ffn.forward).parameters.values())
     except (TypeError, ValueError):
@@ -225,8 +261,24 @@ def signature_problem(ffn: nn.Module) -> str | None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p.name for p in positional[1:] if p.default is p.empty]
     required += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    return [p.name for p in positional], required
+
+
+def takes_residual(ffn: nn.Module) -> bool:
+    """Whether the FFN is called as `ffn(hidden_states, residual)` and adds the residual itself (BLOOM, MPT)."""
+    found = _required_args(ffn)
+    return found is not None and found[1] == ["residual"]
+
+
+def signature_problem(ffn: nn.Module) -> str | None:
+    """Why `ffn(hidden_states)` (or `ffn(hidden_states, residual)`, which moekit's block also takes) would not
+    call this FFN, or None."""
+    found = _required_args(ffn)
+    if found is None or takes_residual(ffn):
+        return None
+    positional, required = found
     if required:
-        names = ", ".join(p.name for p in positional)
+        names = ", ".join(positional)
         return f"its forward takes ({names}), not just the hidden states (it needs {', '.join(required)})"
     return None
 
@@ -267,7 +319,7 @@ def reference(ffn: nn.Module, match: FfnMatch, gate_first: bool, act: nn.Module,
 
 def probe_input(width: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(PROBE_TOKENS, width, generator=generator).to(device=device, dtype=dtype)
+    return torch.randn(1, PROBE_TOKENS, width, generator=generator).to(device=device, dtype=dtype)  # [B, T, H]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -320,7 +372,7 @@ def settle(ffn: nn.Module, match: FfnMatch, config: Any) -> Settled | None:
     ffn.eval()
     try:
         with torch.no_grad():
-            want = ffn(x)
+            want = ffn(x, torch.zeros_like(x)) if takes_residual(ffn) else ffn(x)
             orders = (True, False) if match.kind != "plain" else (True,)
             preferred = _named_gate_first(match)
             orders = sorted(orders, key=lambda o: o != preferred)

@@ -30,12 +30,12 @@ def inspect(
     dense = None
     adapter = resolve_arch(model)
     if record is None:
-        dense = account(model, adapter.layers, adapter.mlp)
+        dense = account(model, adapter)
         if layers:
             spec = UpcycleSpec(layers=layers, num_experts=num_experts, top_k=top_k, shared_expert=shared_expert)
             model = upcycle(model, spec)
             record = MoeRecord.of(model.config)
-    result = account(model, adapter.layers, adapter.mlp)
+    result = account(model, adapter)
     console = Console()
     console.print(
         f"[bold]{path}[/bold]  model type [cyan]{kind}[/cyan], {len(result.layers)} decoder layers at {adapter.layers}"

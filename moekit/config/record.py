@@ -38,8 +38,9 @@ class ArchRecord(StrictModel):
     """Where the decoder layers and their FFNs are, and the visual special tokens."""
 
     layers: str
-    mlp: str
+    mlp: str  # the layer attribute that holds the MoE block (and the dense FFN, unless `inline`)
     ffn: FfnRecord
+    inline: bool = False  # the dense FFN's projections are the layer's own children (OPT's fc1 / fc2)
     image_token_ids: list[int] = []
     video_token_ids: list[int] = []
 

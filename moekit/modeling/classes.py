@@ -120,8 +120,12 @@ def moekit_classes(base_model_type: str, model_class: str | None = None) -> tupl
 def _classes(base_model_type: str, model_class: str) -> tuple[type, type]:
     config_cls = config_class(base_model_type)
     base_model = dense_class(base_model_type, model_class)
+    # The name keys transformers' checkpoint conversions: unique per family even where families share a class
+    # (shieldgemma2 and gemma3 both use Gemma3ForConditionalGeneration, with different saved key names).
+    own = getattr(base_model.config_class, "model_type", base_model_type) == base_model_type
+    name = f"Moekit{base_model.__name__}" if own else f"Moekit{base_model.__name__}_{base_model_type}"
     model_cls = type(
-        f"Moekit{base_model.__name__}",
+        name,
         (MoekitModelMixin, base_model),
         {"config_class": config_cls, "__module__": __name__},
     )

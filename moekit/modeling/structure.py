@@ -12,6 +12,7 @@ from moekit.arch import ArchAdapter
 from moekit.config.record import MoeRecord
 from moekit.moe import MoeBlock, MoeContext
 from moekit.moe.experts import AUTO, IMPLEMENTATIONS, ExpertsSettings
+from moekit.moe.inline import InlineDown, InlineUp
 
 
 def guard_key(record: MoeRecord) -> str:
@@ -21,9 +22,9 @@ def guard_key(record: MoeRecord) -> str:
     from_pretrained(dir)`) then fails with a size mismatch instead of silently loading a dense model with
     randomly initialised FFNs. moekit's own classes ignore this key.
     """
-    arch = record.arch
-    first_proj = arch.ffn.gate or arch.ffn.up
-    return f"{arch.layers}.{record.layers[0]}.{arch.mlp}.{first_proj}.weight"
+    adapter = ArchAdapter.from_record(record)
+    first_proj = adapter.ffn.gate or adapter.ffn.up
+    return f"{adapter.ffn_prefix(record.layers[0])}.{first_proj}.weight"
 
 
 def guard_pattern(record: MoeRecord) -> str:
@@ -75,10 +76,8 @@ def init_block(block: MoeBlock, std: float) -> None:
 def build_blocks(model: nn.Module, record: MoeRecord, context: MoeContext) -> dict[int, MoeBlock]:
     """An MoE block for every layer in `record.layers`, shaped after that layer's FFN; the model is not changed."""
     adapter = ArchAdapter.from_record(record)
-    decoder = model.get_submodule(adapter.layers)
     return {
-        layer: make_block(getattr(decoder[layer], adapter.mlp), adapter, record, context, layer)
-        for layer in record.layers
+        layer: make_block(adapter.ffn_module(model, layer), adapter, record, context, layer) for layer in record.layers
     }
 
 
@@ -86,8 +85,12 @@ def place_blocks(model: nn.Module, record: MoeRecord, blocks: dict[int, MoeBlock
     """Put each block in place of its layer's FFN."""
     adapter = ArchAdapter.from_record(record)
     decoder = model.get_submodule(adapter.layers)
+    parent, _, attr = adapter.mlp.rpartition(".")  # a nested FFN (T5's layer.2.DenseReluDense) is set in place
     for layer, block in blocks.items():
-        setattr(decoder[layer], adapter.mlp, block)
+        setattr(decoder[layer].get_submodule(parent) if parent else decoder[layer], attr, block)
+        if adapter.inline:  # the projections give way to the block's two halves; the layer's own code runs on
+            setattr(decoder[layer], adapter.ffn.up, InlineUp(block))
+            setattr(decoder[layer], adapter.ffn.down, InlineDown(block))
 
 
 def install_blocks(model: nn.Module, record: MoeRecord, context: MoeContext) -> dict[int, MoeBlock]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from moekit.arch import ArchAdapter
 from moekit.moe.block import MoeBlock
 
 
@@ -35,14 +36,17 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def account(model: nn.Module, layers_path: str, mlp: str = "mlp") -> Accounting:
+def account(model: nn.Module, adapter: ArchAdapter | str, mlp: str = "mlp") -> Accounting:
     """Count parameters: a token activates the router, its top-k experts and any shared expert, and every
-    parameter outside the MoE blocks (embeddings and vision tower included, as in PolyV's Table 5)."""
+    parameter outside the MoE blocks (embeddings and vision tower included, as in PolyV's Table 5).
+
+    `adapter` is the model's `ArchAdapter` (or the decoder-layer path, with `mlp` the FFN's attribute)."""
     total = _numel(model)
     inactive = 0
     rows = []
+    layers_path = adapter.layers if isinstance(adapter, ArchAdapter) else adapter
     for index, layer in enumerate(model.get_submodule(layers_path)):
-        ffn = getattr(layer, mlp)
+        ffn = adapter.block_of(layer) if isinstance(adapter, ArchAdapter) else layer.get_submodule(mlp)
         if isinstance(ffn, MoeBlock):
             per_expert = sum(p[0].numel() for p in ffn.experts.parameters())
             block_total = _numel(ffn)
@@ -50,7 +54,8 @@ def account(model: nn.Module, layers_path: str, mlp: str = "mlp") -> Accounting:
             inactive += idle
             rows.append(LayerRow(index, "moe", ffn.num_experts, ffn.top_k, per_expert, block_total, block_total - idle))
         else:
-            n = _numel(ffn)
+            params = adapter.ffn_parameters(layer) if isinstance(adapter, ArchAdapter) else list(ffn.parameters())
+            n = sum(p.numel() for p in params)
             rows.append(LayerRow(index, "dense", ffn_params=n, total=n, active=n))
     return Accounting(total=total, active=total - inactive, layers=rows)
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from moekit.moe.context import MoeContext
 from moekit.moe.experts import make_experts
+from moekit.moe.inline import route_down, route_up
 from moekit.moe.router import TopKRouter
 
 
@@ -67,16 +68,31 @@ class MoeBlock(nn.Module):
     def top_k(self) -> int:
         return self.gate.top_k
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        logits, top_weights, top_index = self.gate(flat)
+    def note_routing(self, flat: torch.Tensor, logits: torch.Tensor, top_index: torch.Tensor) -> None:
+        """Keep this pass's routing for the router losses and any attached statistics."""
         self.context.settings.resolve(flat.device)
-        out = self.experts(flat, top_index, top_weights)
-        if self.shared_expert is not None:
-            out = self.shared_expert(flat, out)
         self.last_router_logits, self.last_top_k_index = logits, top_index
         if self.context.stats is not None:
             kinds, valid = self.context.aligned(flat.shape[0])
             self.context.stats.record(self.layer_index, logits.detach(), top_index, kinds, valid)
-        return out.reshape(shape)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed (and shared) experts' output; plus `residual` for families whose FFN adds the residual
+        itself (`mlp(hidden_states, residual)`: BLOOM, MPT)."""
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        logits, top_weights, top_index = self.gate(flat)
+        self.note_routing(flat, logits, top_index)
+        out = self.experts(flat, top_index, top_weights)
+        if self.shared_expert is not None:
+            out = self.shared_expert(flat, out)
+        out = out.reshape(shape)
+        return out if residual is None else out + residual
+
+    # An FFN inline in its layer: the two halves that take its projections' places call these (moekit.moe.inline).
+
+    def route_up(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return route_up(self, hidden_states)
+
+    def route_down(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return route_down(self, hidden_states)

@@ -52,7 +52,7 @@ def read_log(stage_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], float
 def _parameters(path: Path) -> dict[str, Any]:
     model = meta_model(read_config(path))
     adapter = resolve_arch(model)
-    result = account(model, adapter.layers, adapter.mlp)
+    result = account(model, adapter)
     return {"total": result.total, "active": result.active, "moe_layers": result.moe_layers}
 
 

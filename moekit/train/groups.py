@@ -70,7 +70,7 @@ def _decoder_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     layers = model.get_submodule(adapter.layers)
     parts: dict[str, list[nn.Parameter]] = {"decoder": _params(layers), "ffn": [], "router": [], "experts": []}
     for layer in layers:
-        ffn = getattr(layer, adapter.mlp)
+        ffn = adapter.block_of(layer)
         if isinstance(ffn, MoeBlock):
             parts["router"] += _params(ffn.gate)
             parts["experts"] += _params(ffn.experts)
@@ -78,7 +78,7 @@ def _decoder_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
                 parts["router"] += _params(ffn.shared_expert.gate)
                 parts["experts"] += _params(ffn.shared_expert.expert)
         else:
-            parts["ffn"] += _params(ffn)
+            parts["ffn"] += adapter.ffn_parameters(layer)
     return parts
 
 

@@ -75,6 +75,10 @@ class _Plan:
         self.config = read_config(self.base_dir)
         self.dense = meta_model(self.config)
         self.adapter: ArchAdapter = resolve_arch(self.dense, spec.arch)
+        if self.adapter.inline and spec.shared_expert:
+            raise ValueError(
+                f"{self.adapter.model_type}: its FFN is inline in the layer, which moekit upcycles without a shared expert"
+            )
         self.layers = resolve_layers(spec.layers, self.adapter.num_layers)
         self.names = KeyNames(self.dense)
         # On the meta device the projections' names chose the gate order; the first layer's real FFN settles it.
@@ -196,10 +200,12 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
     layer_keys: dict[int, list[str]] = defaultdict(list)
     full = plan.full_specialists() if spec.non_expert == "average" else []
     cache: dict[int, dict[str, torch.Tensor]] = {}
-    moe_prefix = {}
+    ffn_prefix, moe_prefix, layer_prefix = {}, {}, {}  # as the checkpoint names them
     for layer in plan.layers:
         down_key = plan.base_source.ffn_keys(layer)["down"][0]
-        moe_prefix[layer] = down_key.rsplit(".", 2)[0]  # <...>.mlp
+        ffn_prefix[layer] = down_key.rsplit(".", 2)[0]  # <...>.mlp, or the layer itself for an inline FFN
+        moe_prefix[layer] = f"{ffn_prefix[layer]}.{adapter.mlp}" if adapter.inline else ffn_prefix[layer]
+        layer_prefix[layer] = ffn_prefix[layer] if adapter.inline else ffn_prefix[layer].rsplit(".", 1)[0]
     emitted = set()
 
     def fused(layer: int, name: str) -> torch.Tensor:
@@ -284,14 +290,17 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
             first = adapter.ffn.gate or adapter.ffn.up
             out.append(
                 PlannedTensor(
-                    f"{prefix}.{first}.weight", (0,), dtype_of["down"], lambda: torch.zeros(0, dtype=dtype_of["down"])
+                    f"{ffn_prefix[layer]}.{first}.weight",
+                    (0,),
+                    dtype_of["down"],
+                    lambda: torch.zeros(0, dtype=dtype_of["down"]),
                 )
             )
         return out
 
     layer_of = {k: layer for layer in plan.layers for g in plan.base_source.ffn_keys(layer).values() for k in g}
     first = plan.layers[0]
-    decoder = re.compile(re.escape(moe_prefix[first].rsplit(f".{first}.", 1)[0]) + r"\.(\d+)\.")
+    decoder = re.compile(re.escape(layer_prefix[first].rsplit(f".{first}", 1)[0]) + r"\.(\d+)\.")
     for key in sorted(base.keys(), key=_natural):
         if key in plan.replaced:
             layer = layer_of[key]

@@ -118,6 +118,10 @@ def upcycle(
     if getattr(model.config, "moekit", None) is not None:
         raise ValueError("this model is already an MoE model made by moekit; upcycle its dense base instead")
     adapter = resolve_arch(model, spec.arch)
+    if adapter.inline and spec.shared_expert:
+        raise ValueError(
+            f"{adapter.model_type}: its FFN is inline in the layer, which moekit upcycles without a shared expert"
+        )
     layers = resolve_layers(spec.layers, adapter.num_layers)
     resolved = _resolve_sources(model, spec, adapter, sources or {}, layers, allow_pickle)
     expert_inits, router_init = _plugin_initialisers(spec)

@@ -63,19 +63,27 @@ def _extras(dense: nn.Module, adapter: ArchAdapter) -> list[str]:
 def check_layer(dense: nn.Module, adapter: ArchAdapter, record: MoeRecord, layer: int) -> float:
     """Refuse (ArchError) unless the layer's would-be MoE block computes the dense FFN; the largest difference."""
     where = f"layer {layer} ({adapter.ffn_prefix(layer)}, {type(dense).__name__})"
-    problem = detect.signature_problem(dense)
+    problem = None if adapter.inline else detect.signature_problem(dense)
     if problem is not None:
         raise ArchError(f"{where}: {problem}; moekit's MoE block is called with the hidden states alone")
     weight = getattr(dense, adapter.ffn.down).weight
     x = detect.probe_input(adapter.hidden_size, weight.dtype, weight.device, seed=layer)
-    was_training = dense.training
-    dense.eval()
-    try:
-        want = dense(x)
-    finally:
-        dense.train(was_training)
-    want = want[0] if isinstance(want, tuple) else want
-    got = copies_block(dense, adapter, record, layer)(x)
+    block = copies_block(dense, adapter, record, layer)
+    if adapter.inline:  # the layer runs up -> its activation -> down itself; the block's halves stand in for them
+        act = adapter.ffn.activation(dense)
+        want = getattr(dense, adapter.ffn.down)(act(getattr(dense, adapter.ffn.up)(x)))
+        got = block.route_down(act(block.route_up(x)))
+    else:
+        residual = (detect.probe_input(adapter.hidden_size, weight.dtype, weight.device, seed=layer + 1),)
+        args = (x, *residual) if detect.takes_residual(dense) else (x,)
+        was_training = dense.training
+        dense.eval()
+        try:
+            want = dense(*args)
+        finally:
+            dense.train(was_training)
+        want = want[0] if isinstance(want, tuple) else want
+        got = block(*args)
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         raise ArchError(f"{where}: its forward returns {type(want).__name__}, not a tensor of the input's shape")
     difference = detect.max_difference(got, want)
@@ -176,9 +184,8 @@ def verify_checkpoint(moe_dir: str | Path, base_dir: str | Path, tolerance: floa
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     want = dense(**batch).logits
     as_is = float((moe(**batch).logits - want).abs().max())
-    base_layers = dense.get_submodule(adapter.layers)
     for block in (m for m in moe.modules() if isinstance(m, MoeBlock)):
-        ffn = getattr(base_layers[block.layer_index], adapter.mlp)
+        ffn = adapter.ffn_module(dense, block.layer_index)
         tensors = ffn_tensors(ffn, adapter.ffn)
         experts = block.experts
         for index in range(experts.num_experts):
