@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli.app import app
+from moekit.demo.shrink import text_inputs_any, tiny_model_any
 from moekit.demo.tiny import _TEXT, FAMILIES, tiny_inputs, tiny_model
 from moekit.upcycle.export import ExportError, export_native
 from moekit.upcycle.twins import ernie_layout, sparse_layout
@@ -117,6 +118,39 @@ def test_stock_twin_computes_moekit_logits_from_the_released_layout(family, laye
     inputs = family_inputs(family) if family in FAMILIES else [("text", tiny_inputs("llama", "text", seed=3))]
     for kind, batch in inputs:
         torch.testing.assert_close(logits(native, batch), logits(moe, batch), atol=1e-5, rtol=0, msg=f"{family} {kind}")
+
+
+@pytest.mark.parametrize(
+    ("family", "stock"),
+    [("qwen3_5", "Qwen3_5MoeForConditionalGeneration"), ("qwen3_5_text", "Qwen3_5MoeForCausalLM")],
+)
+def test_qwen3_5_exports_to_the_fused_qwen3_5_moe_release_layout(family, stock, tmp_path):
+    # Qwen3.5 is hybrid (Gated DeltaNet + gated attention); only its FFNs change, into the fused v5 layout.
+    dense_model = tiny_model_any(family)
+    text = dense_model.config.get_text_config()
+    hidden, width = text.hidden_size, text.intermediate_size
+    assert hidden not in (width, 2 * width)
+    spec = moekit.UpcycleSpec(
+        layers="full", num_experts=E, top_k=2, experts=[{"name": f"e{i}", "noise_scale": 0.05} for i in range(E)]
+    )
+    moe = moekit.upcycle(dense_model, spec)
+    moe.save_pretrained(tmp_path / "moe")
+    export_native(tmp_path / "moe", tmp_path / "native", progress=False)
+    written = _read_layer(tmp_path / "native", 1)
+    released = {  # Qwen/Qwen3.5-35B-A3B: fused experts as transformers 5 holds them, no `.weight` suffix
+        "mlp.gate.weight": (E, hidden),
+        "mlp.experts.gate_up_proj": (E, 2 * width, hidden),
+        "mlp.experts.down_proj": (E, hidden, width),
+        "mlp.shared_expert.down_proj.weight": (hidden, width),
+        "mlp.shared_expert_gate.weight": (1, hidden),
+    }
+    for name, shape in released.items():
+        assert written.get(name) == shape, (name, written.get(name), sorted(written))
+    auto = AutoModelForImageTextToText if family == "qwen3_5" else AutoModelForCausalLM
+    native = auto.from_pretrained(tmp_path / "native")
+    assert type(native).__name__ == stock
+    batch = {**text_inputs_any(seed=2), "use_cache": False}
+    torch.testing.assert_close(logits(native, batch), logits(moe, batch), atol=1e-5, rtol=0)
 
 
 def test_a_zero_gate_moekit_shared_expert_maps_onto_qwen2_moe(tmp_path):

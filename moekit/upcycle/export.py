@@ -44,7 +44,8 @@ def supported() -> str:
 
 def _fields(config: PreTrainedConfig) -> dict[str, Any]:
     data = config.to_dict()
-    return {k: v for k, v in data.items() if k not in DROP_KEYS and not k.startswith("_")}
+    empty = {k for k, v in data.items() if v is None and k == "quantization_config"}  # 4.57 reads null as a config
+    return {k: v for k, v in data.items() if k not in DROP_KEYS and k not in empty and not k.startswith("_")}
 
 
 def _check(record: MoeRecord, source: Path) -> Twin:

@@ -79,6 +79,23 @@ TWINS: dict[str, Twin] = {
             serving="vLLM (any layer layout); SGLang and llama.cpp with every layer MoE",
         ),
         Twin(
+            "qwen3_5_moe",
+            ("qwen3_5",),
+            "Qwen/Qwen3.5-35B-A3B",
+            "fused",
+            shared="sigmoid",
+            text_config=True,
+            serving="vLLM, SGLang, llama.cpp (every layer MoE; llama.cpp's converter with `--no-mtp`)",
+        ),
+        Twin(
+            "qwen3_5_moe_text",
+            ("qwen3_5_text",),
+            "Qwen/Qwen3.5-35B-A3B (its language model)",
+            "fused",
+            shared="sigmoid",
+            serving="vLLM (every layer MoE)",
+        ),
+        Twin(
             "mixtral",
             ("llama", "mistral"),
             "mistralai/Mixtral-8x7B-v0.1",
