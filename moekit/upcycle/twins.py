@@ -93,7 +93,7 @@ TWINS: dict[str, Twin] = {
             "Qwen/Qwen3.5-35B-A3B (its language model)",
             "fused",
             shared="sigmoid",
-            serving="vLLM (every layer MoE)",
+            serving="vLLM, llama.cpp (every layer MoE; llama.cpp's converter with `--no-mtp`)",
         ),
         Twin(
             "mixtral",
@@ -142,8 +142,8 @@ REFUSED: dict[str, str] = {
     "glm4v": "GLM-4V-MoE routes with sigmoid scores plus a bias and group-limited top-k, and its decoder layers "
     "have two norms where GLM-4V's have four: no exact twin",
     "glm46v": "GLM-4.6V's MoE relative routes with sigmoid scores plus a bias: no exact twin",
-    "qwen2_5_vl": "no stock MoE VLM has Qwen2.5-VL's vision tower with M-RoPE; serve moekit's checkpoint with "
-    "transformers after `import moekit` (docs/serving.md)",
+    "qwen2_5_vl": "no stock MoE VLM has Qwen2.5-VL's vision tower with M-RoPE; serve moekit's checkpoint itself "
+    "with vLLM and the plugins/moekit-vllm plug-in, or with transformers after `import moekit` (docs/serving.md)",
     "qwen2_vl": "no stock MoE VLM has Qwen2-VL's vision tower",
     "olmo2": "",  # has a twin (flex_olmo); OLMoE is pre-norm and never renormalises
     "gemma3": "Gemma's MoE variants keep the dense MLP beside a normed, scaled router: no exact twin",
