@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LCPP_SDIST = "llama-cpp-python==0.3.36"
-PROMPT_IDS = [504, 3458, 282, 4046, 314, 253, 1345, 30]  # SmolLM2 token ids: "The capital of France is a city."
+PROMPT_IDS = [504, 3575, 282, 4649, 314]  # SmolLM2 token ids of "The capital of France is" (they re-tokenize the same)
 NEW_TOKENS = 8
 
 
@@ -56,6 +56,7 @@ TARGETS = {
     "granitemoe": Target("granite", "full", ALL),
     "ernie4_5_moe": Target("ernie4_5", "full", ALL),
     "flex_olmo": Target("olmo2", "full", ("vllm", "tf457")),
+    "cohere2_moe": Target("cohere2", "full", ("llamacpp", "vllm")),  # no Cohere2-MoE in transformers 4.57
     "qwen3_vl_moe": Target("qwen3_vl", "full", ALL),
     "qwen3_5_moe": Target("qwen3_5", "full", ("llamacpp", "vllm")),  # no Qwen3.5 in transformers 4.57
     "plugin_qwen2": Target("qwen2", "interval:2:1", ("vllm",), native=False, shared=True),

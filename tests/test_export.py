@@ -30,6 +30,7 @@ CASES = [
     ("granite", "full", "GraniteMoeForCausalLM"),
     ("ernie4_5", "interval:2:1", "Ernie4_5_MoeForCausalLM"),
     ("olmo2", "full", "FlexOlmoForCausalLM"),
+    ("cohere2", [0, 1, 2], "Cohere2MoeForCausalLM"),  # layer 3 stays dense with full attention: no RoPE there
 ]
 # The released layout of each twin's MoE tensors in an MoE layer (names relative to the layer): what vLLM, SGLang and
 # llama.cpp read. Per-expert tensors are listed for expert 0.
@@ -66,6 +67,11 @@ RELEASED = {
     "Ernie4_5_MoeForCausalLM": {
         "mlp.gate.weight": (E, H),
         "mlp.moe_statics.e_score_correction_bias": (1, E),
+        "mlp.experts.0.gate_proj.weight": (I, H),
+        "mlp.experts.0.down_proj.weight": (H, I),
+    },
+    "Cohere2MoeForCausalLM": {
+        "mlp.gate.weight": (E, H),
         "mlp.experts.0.gate_proj.weight": (I, H),
         "mlp.experts.0.down_proj.weight": (H, I),
     },
@@ -153,7 +159,8 @@ def test_qwen3_5_exports_to_the_fused_qwen3_5_moe_release_layout(family, stock, 
     torch.testing.assert_close(logits(native, batch), logits(moe, batch), atol=1e-5, rtol=0)
 
 
-def test_a_zero_gate_moekit_shared_expert_maps_onto_qwen2_moe(tmp_path):
+@pytest.mark.parametrize(("family", "shared_key"), [("qwen2", "shared_expert"), ("cohere2", "shared_experts")])
+def test_a_zero_gate_moekit_shared_expert_maps_onto_the_twins_shared_expert(family, shared_key, tmp_path):
     spec = moekit.UpcycleSpec(
         layers="full",
         num_experts=3,
@@ -161,12 +168,13 @@ def test_a_zero_gate_moekit_shared_expert_maps_onto_qwen2_moe(tmp_path):
         shared_expert=True,
         experts=[{"name": f"e{i}", "noise_scale": 0.1} for i in range(3)],
     )
-    moe = moekit.upcycle(dense("qwen2"), spec)
+    moe = moekit.upcycle(dense(family), spec)
     for block in moe.moe_blocks():  # a trained shared expert, its gate still zero: the mix is 0.5 / 0.5
         block.shared_expert.expert.down_proj.weight.data.mul_(1.7)
     moe.save_pretrained(tmp_path / "moe")
     export_native(tmp_path / "moe", tmp_path / "native", progress=False)
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "native")
+    assert f"mlp.{shared_key}.down_proj.weight" in _read_layer(tmp_path / "native", 0)
     batch = tiny_inputs("llama", "text", seed=4)
     torch.testing.assert_close(logits(native, batch), logits(moe, batch), atol=1e-5, rtol=0)
     for block in moe.moe_blocks():

@@ -82,6 +82,8 @@ def native_config(config: PreTrainedConfig, record: MoeRecord, twin: Twin) -> Pr
         moe[width] = record.intermediate_size
     if twin.shared == "sigmoid":
         moe["shared_expert_intermediate_size"] = record.intermediate_size
+    if twin.shared == "average":
+        moe.update(num_shared_experts=int(record.shared_expert), shared_expert_combination_strategy="average")
     moe.update(twin.config, router_aux_loss_coef=record.aux_loss_coef)
     if not twin.text_config:
         text = _fields(config)
@@ -155,6 +157,8 @@ class _Layers:
         if twin.shared == "sigmoid":
             shared, down = self._shared(layer, down)
             out.update(shared)
+        elif twin.shared == "average" and self.record.shared_expert:
+            out.update(self._average_shared(layer))
         out.update(expert_tensors(twin, prefix, up, down))
         if twin.extra is not None:
             out.update(twin.extra(prefix, self.record.num_experts))
@@ -164,7 +168,7 @@ class _Layers:
         """Qwen-style shared expert `sigmoid(gate(x)) * shared(x)` added to the routed output. moekit's mix is
         `(1 - s) * routed + s * shared` with s = sigmoid(its gate): equal when its gate is zero (s = 0.5) and the
         routed down projections are halved. Without a moekit shared expert, a zero one adds exactly nothing."""
-        prefix, ours, hidden = self.prefix(layer), self.ours(layer), self.record.hidden_size
+        prefix, hidden = self.prefix(layer), self.record.hidden_size
         width = self.record.intermediate_size
         dtype = down.dtype
         names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -177,20 +181,31 @@ class _Layers:
             out = {f"{prefix}.shared_expert.{names[k]}.weight": v for k, v in zeros.items()}
             out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
             return out, down
-        gate = self.load(f"{ours}.shared_expert.gate.weight")
-        if bool(gate.ne(0).any()):
-            raise ExportError(
-                f"layer {layer}: the shared expert's gate was trained (non-zero); the twin's shared expert adds "
-                "sigmoid(gate) * shared(x) and cannot express moekit's convex mix then. Keep the moekit checkpoint"
-            )
-        ffn = self.adapter.ffn
-        roles = {"gate": ffn.gate, "up": ffn.up, "down": ffn.down}
-        out = {
-            f"{prefix}.shared_expert.{names[k]}.weight": self.load(f"{ours}.shared_expert.expert.{v}.weight")
-            for k, v in roles.items()
-        }
+        gate = self._untrained_shared_gate(layer, "sigmoid(gate) * shared(x)")
+        out = {f"{prefix}.shared_expert.{k}": v for k, v in self._shared_weights(layer).items()}
         out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=gate.dtype)
         return out, down * 0.5
+
+    def _average_shared(self, layer: int) -> dict[str, torch.Tensor]:
+        """Cohere2-MoE's `average` shared expert, `(routed + shared) / 2`: moekit's mix while its gate is zero."""
+        self._untrained_shared_gate(layer, "(routed + shared) / 2")
+        return {f"{self.prefix(layer)}.shared_experts.{k}": v for k, v in self._shared_weights(layer).items()}
+
+    def _untrained_shared_gate(self, layer: int, twin_mix: str) -> torch.Tensor:
+        gate = self.load(f"{self.ours(layer)}.shared_expert.gate.weight")
+        if bool(gate.ne(0).any()):
+            raise ExportError(
+                f"layer {layer}: the shared expert's gate was trained (non-zero); {self.twin.model_type} computes "
+                f"{twin_mix} and cannot express moekit's convex mix then. Keep the moekit checkpoint (served by "
+                "transformers after `import moekit`, or by vLLM with plugins/moekit-vllm for Qwen2 / Qwen2.5-VL)"
+            )
+        return gate
+
+    def _shared_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        """moekit's shared expert as `{gate,up,down}_proj.weight`."""
+        ffn, ours = self.adapter.ffn, self.ours(layer)
+        roles = {"gate_proj": ffn.gate, "up_proj": ffn.up, "down_proj": ffn.down}
+        return {f"{k}.weight": self.load(f"{ours}.shared_expert.expert.{v}.weight") for k, v in roles.items()}
 
 
 def export_native(
@@ -287,6 +302,13 @@ def _layer_plan(layers: _Layers, layer: int, stock: torch.nn.Module, dtype: torc
         ):
             out.append((f"{prefix}.shared_expert.{proj}.weight", shape, dtype))
         out.append((f"{prefix}.shared_expert_gate.weight", (1, hidden), dtype))
+    if twin.shared == "average" and record.shared_expert:
+        for proj, shape in (
+            ("gate_proj", (width, hidden)),
+            ("up_proj", (width, hidden)),
+            ("down_proj", (hidden, width)),
+        ):
+            out.append((f"{prefix}.shared_experts.{proj}.weight", shape, dtype))
     out += [(k, s, dtype) for k, s in expert_shapes(twin, prefix, experts, hidden, width).items()]
     if twin.extra is not None:
         out += [(k, tuple(v.shape), v.dtype) for k, v in twin.extra(prefix, experts).items()]

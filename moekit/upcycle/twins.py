@@ -31,8 +31,9 @@ class Twin:
     moe: str = "mlp"  # the decoder layer's attribute for the MoE block, as the released files name it
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     router: str = "gate.weight"
-    sparsity: Literal["every_layer", "qwen", "ernie"] = "every_layer"
-    shared: Literal["none", "sigmoid"] = "none"  # "sigmoid": the class always has a sigmoid-gated shared expert
+    sparsity: Literal["every_layer", "qwen", "ernie", "cohere2"] = "every_layer"
+    # "sigmoid": the class always has a sigmoid-gated shared expert; "average": an optional one, (routed + shared) / 2
+    shared: Literal["none", "sigmoid", "average"] = "none"
     text_config: bool = False  # MoE keys live in `text_config` (a VLM)
     config: dict[str, Any] = field(default_factory=dict)  # fixed keys of the twin's config
     # config keys of: expert count, experts per token, expert width (None: `intermediate_size` is the width)
@@ -127,6 +128,17 @@ TWINS: dict[str, Twin] = {
             serving="vLLM (layers start..end every `interval`); llama.cpp with a contiguous MoE suffix",
         ),
         Twin(
+            "cohere2_moe",
+            ("cohere2",),
+            "CohereLabs/North-Mini-Code-1.0",
+            "per_expert",
+            sparsity="cohere2",
+            shared="average",
+            config={"expert_selection_fn": "softmax", "norm_topk_prob": True},
+            keys=("num_experts", "num_experts_per_tok", None),
+            serving="vLLM (any layer layout); llama.cpp with every layer MoE (its converter's own gguf-py)",
+        ),
+        Twin(
             "flex_olmo",
             ("olmo2",),
             "allenai/FlexOlmo-7x7B-1T",
@@ -147,7 +159,6 @@ REFUSED: dict[str, str] = {
     "qwen2_vl": "no stock MoE VLM has Qwen2-VL's vision tower",
     "olmo2": "",  # has a twin (flex_olmo); OLMoE is pre-norm and never renormalises
     "gemma3": "Gemma's MoE variants keep the dense MLP beside a normed, scaled router: no exact twin",
-    "cohere2": "Cohere2-MoE forces RoPE on dense prefix layers and exists only in transformers 5: not exported yet",
 }
 
 
@@ -188,6 +199,15 @@ def sparsity_keys(twin: Twin, record: MoeRecord) -> dict[str, Any]:
                 "Upcycle with --layers full to export it, or keep the moekit checkpoint"
             )
         return {}
+    if twin.sparsity == "cohere2":
+        # Dense layers get `prefix_dense_intermediate_size`; a pattern of 1 would force RoPE on dense full-attention
+        # layers (Cohere2's have none), so it is 2; the attention layout itself comes with `layer_types`.
+        kinds = ["sparse" if i in layers else "dense" for i in range(count)]
+        return {
+            "mlp_layer_types": kinds,
+            "prefix_dense_intermediate_size": record.intermediate_size,
+            "prefix_dense_sliding_window_pattern": 2,
+        }
     if twin.sparsity == "qwen":
         step, mlp_only = sparse_layout(layers, count)
         return {"decoder_sparse_step": step, "mlp_only_layers": mlp_only}
