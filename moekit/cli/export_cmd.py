@@ -16,7 +16,10 @@ def export(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Export a moekit checkpoint as its family's stock MoE twin (e.g. Qwen3-VL -> Qwen3-VL-MoE), in the tensor
-    layout of the twin's released checkpoints, loadable by stock transformers, vLLM, SGLang and llama.cpp."""
+    layout of the twin's released checkpoints, loadable by stock transformers, vLLM, SGLang and llama.cpp.
+
+    Qwen2.5-VL (PolyV) has no stock twin: vLLM serves the moekit checkpoint itself through plugins/moekit-vllm
+    (docs/serving.md)."""
     if list_twins:
         from moekit.upcycle.twins import REFUSED, TWINS
 
