@@ -93,6 +93,14 @@ class ChatFormatter:
         out.extend(_split_media(full[cursor:]))
         return [p for p in out if p.text or p.media]
 
+    def prompt_pieces(self, roles: Sequence[str], texts: Sequence[str]) -> list[Piece]:
+        """The conversation (ending on a user turn) rendered up to the assistant's turn, split at media
+        placeholders: what a model is given to generate the next answer."""
+        messages = [{"role": ROLES[r], "content": t} for r, t in zip(roles, texts)]
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("a generation prompt must end with a user (human) turn")
+        return [p for p in _split_media(self.render(messages, add_generation_prompt=True)) if p.text or p.media]
+
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -18,10 +18,12 @@ _SINGULAR = {"dataset": "datasets"}
 
 
 class Collator:
-    """`Collator(pad_id)(items) -> batch`; `pad_id` fills `input_ids` past each sample's end."""
+    """`Collator(pad_id)(items) -> batch`; `pad_id` fills `input_ids` past each sample's end (`side="left"`:
+    before its start, as batched generation needs)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, side: Literal["right", "left"] = "right"):
         self.pad_id = pad_id
+        self.side = side
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
@@ -31,7 +33,9 @@ class Collator:
             if key not in items[0]:
                 continue
             value = self.pad_id if pad is None else pad
-            batch[key] = pad_sequence([item[key] for item in items], batch_first=True, padding_value=value)
+            batch[key] = pad_sequence(
+                [item[key] for item in items], batch_first=True, padding_value=value, padding_side=self.side
+            )
         keys = {k for item in items for k in item} - set(TOKEN_KEYS)
         for key in sorted(keys):
             name = _SINGULAR.get(key, key)

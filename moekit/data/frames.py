@@ -8,6 +8,7 @@ with the largest change from their predecessor, plus the first frame), each scal
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,19 +128,25 @@ def require_av() -> Any:
 
 
 def _read_video_file(path: Path, spec: FramesSpec) -> list[Image.Image]:
-    """Two decoding passes (count + thumbnails, then the chosen frames) keep memory bounded for long videos."""
-    av = require_av()
     if not path.is_file():
         raise FileNotFoundError(f"video {path} not found")
+    return read_video_stream(lambda: str(path), str(path), spec)
+
+
+def read_video_stream(source: Callable[[], Any], name: str, spec: FramesSpec) -> list[Image.Image]:
+    """Sampled frames of a video that `source()` opens (a path, or a file object such as a member of a zip
+    archive); `name` is for errors. Two decoding passes (count + thumbnails, then the chosen frames) keep
+    memory bounded for long videos."""
+    av = require_av()
     thumbs = []
-    with av.open(str(path)) as container:
+    with av.open(source()) as container:
         for frame in container.decode(video=0):
             thumbs.append(frame.to_ndarray(format="gray", width=THUMB, height=THUMB))
     if not thumbs:
-        raise ValueError(f"video {path} has no decodable frames")
+        raise ValueError(f"video {name} has no decodable frames")
     wanted = set(pick(len(thumbs), spec, np.stack(thumbs)))
     frames = []
-    with av.open(str(path)) as container:
+    with av.open(source()) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
                 frames.append(fit_within(frame.to_image().convert("RGB"), spec))

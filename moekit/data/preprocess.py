@@ -15,7 +15,7 @@ import torch
 from moekit.config.record import dense_model_type
 from moekit.data.chat import IGNORE, ChatFormatter, Piece, assemble
 from moekit.data.media import Media, student_geometry
-from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, Sample
+from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, Sample, with_placeholders
 from moekit.data.vision import Vision, build_vision
 
 
@@ -90,6 +90,36 @@ class Preprocessor:
 
     def encode(self, sample: Sample, media: Media, max_length: int, synergy_tokens: int = 0) -> dict[str, Any]:
         """Model inputs (1-D token tensors, pixel tensors) plus the sample's extras; ValueError when unusable."""
+        paired = synergy_tokens if sample.paired is not None else 0
+        segments, tensors, geometry = self._media(media, paired)
+        roles = [t.role for t in sample.conversations]
+        pieces: list[Piece] = self.formatter.pieces(roles, sample.human_texts())
+        ids, labels = assemble(self.formatter, pieces, segments)
+        ids, labels = _truncate(ids, labels, max_length, self.vision)
+        out = self._inputs(ids, labels, tensors)
+        out["sample_ids"] = sample.id
+        out["sample_modalities"] = sample.modality
+        out["teacher"] = media.teacher
+        out["geometry"] = geometry
+        return out
+
+    def encode_prompt(
+        self, roles: Sequence[str], texts: Sequence[str], media: Media, synergy_tokens: int = 0
+    ) -> dict[str, Any]:
+        """The inputs that ask the model for the next answer of a conversation ending on a human turn (`roles`
+        in "system" / "human" / "gpt", `texts` with `<image>` / `<video>` placeholders, missing ones put first):
+        rendered with the chat template's generation prompt. `synergy_tokens`: put the model's synergy tokens
+        after the last image, as coarse-distillation training does. Extras: `geometry` of a scene."""
+        texts = with_placeholders(list(roles), list(texts), len(media.images), media.clip)
+        segments, tensors, geometry = self._media(media, synergy_tokens)
+        ids, labels = assemble(self.formatter, self.formatter.prompt_pieces(roles, texts), segments)
+        out = self._inputs(ids, labels, tensors)
+        out.pop("labels")
+        out["geometry"] = geometry
+        return out
+
+    def _media(self, media: Media, synergy_tokens: int) -> tuple[dict, dict, dict | None]:
+        """(token ids per placeholder kind, pixel tensors, scene geometry) of a sample's decoded media."""
         segments: dict[str, list[list[int]]] = {IMAGE_TAG: [], VIDEO_TAG: []}
         tensors: dict[str, list[torch.Tensor]] = {}
         geometry = None
@@ -98,7 +128,7 @@ class Preprocessor:
         for k, image in enumerate(media.images):
             segment = self.vision.image(image)
             ids = segment.ids
-            if synergy_tokens and sample.paired is not None and k == len(media.images) - 1:
+            if synergy_tokens and k == len(media.images) - 1:
                 ids = ids + self.synergy_ids(synergy_tokens)
             segments[IMAGE_TAG].append(ids)
             _add(tensors, segment.tensors)
@@ -112,10 +142,9 @@ class Preprocessor:
                 geometry = student_geometry(
                     media.scene, segment.size, segment.tensors["video_grid_thw"], self.vision.pixels.temporal_patch_size
                 )
-        roles = [t.role for t in sample.conversations]
-        pieces: list[Piece] = self.formatter.pieces(roles, sample.human_texts())
-        ids, labels = assemble(self.formatter, pieces, segments)
-        ids, labels = _truncate(ids, labels, max_length, self.vision)
+        return segments, tensors, geometry
+
+    def _inputs(self, ids: list[int], labels: list[int], tensors: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
         input_ids = torch.tensor(ids, dtype=torch.long)
         out: dict[str, Any] = {
             "input_ids": input_ids,
@@ -125,10 +154,6 @@ class Preprocessor:
         if self.vision is not None:
             out.update(self.vision.token_inputs(input_ids))
         out.update({k: torch.cat(v) for k, v in tensors.items()})
-        out["sample_ids"] = sample.id
-        out["sample_modalities"] = sample.modality
-        out["teacher"] = media.teacher
-        out["geometry"] = geometry
         return out
 
 

@@ -9,6 +9,10 @@ Layout (what the ScanNet SensReader export writes; moekit's synthetic scenes use
       intrinsic.txt                3x3 or 4x4 colour intrinsics (pixel (j, i) is column j, row i)
         or intrinsic/intrinsic_color.txt
 
+or the flat `posed_images/<scene_id>/` layout the 3D VLMs use for ScanQA / SQA3D (EmbodiedScan's ScanNet export,
+every 10th frame): `00000.jpg` colour, `00000.png` depth (mm), `00000.txt` pose side by side, plus
+`intrinsic.txt` (colour, 4x4) and `depth_intrinsic.txt`.
+
 Depth may have another resolution than colour (ScanNet: 640x480 vs 1296x968); it is taken as registered to the
 colour view, resampled (nearest) to the size the frames are used at, and the intrinsics are scaled to that size,
 so that PolyV's back-projection `[x y z 1] = [D[i,j] * ([j i 1] @ inv(K).T), 1] @ B.T` holds for the returned
@@ -82,12 +86,24 @@ def read_depth(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         return (np.asarray(image).astype(np.float64) / DEPTH_SCALE).astype(np.float32)
 
 
+def _views(folder: Path) -> tuple[list[Path], Path, Path]:
+    """(colour views, pose folder, depth folder) of either scene layout (module docstring)."""
+    if (folder / "color").is_dir():
+        return list_frames(folder / "color"), folder / "pose", folder / "depth"
+    colors = [p for p in list_frames(folder) if p.suffix.lower() in (".jpg", ".jpeg")]
+    if not colors:
+        raise FileNotFoundError(
+            f"scene {folder}: neither a color/ folder nor posed images (00000.jpg + .png depth + .txt pose)"
+        )
+    return colors, folder, folder
+
+
 def read_scene(folder: Path, spec: FramesSpec) -> SceneFrames:
     """Load a scene folder, sampling at most `spec.max_frames` views (uniform or key frames)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"scene folder {folder} not found")
-    colors = list_frames(folder / "color")
-    poses = [read_matrix(folder / "pose" / f"{c.stem}.txt") for c in colors]
+    colors, pose_dir, depth_dir = _views(folder)
+    poses = [read_matrix(pose_dir / f"{c.stem}.txt") for c in colors]
     keep = [i for i, pose in enumerate(poses) if np.isfinite(pose).all()]
     if not keep:
         raise ValueError(f"scene {folder}: no view has a finite pose")
@@ -102,7 +118,7 @@ def read_scene(folder: Path, spec: FramesSpec) -> SceneFrames:
         sizes.add(original.size)
         frame = fit_within(original, spec)
         frames.append(frame)
-        depths.append(read_depth(folder / "depth" / f"{colors[i].stem}.png", frame.size))
+        depths.append(read_depth(depth_dir / f"{colors[i].stem}.png", frame.size))
     if len(sizes) > 1:
         raise ValueError(f"scene {folder}: views have different sizes {sorted(sizes)}")
     k = scale_intrinsics(k_color, sizes.pop(), frames[0].size)

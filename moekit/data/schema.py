@@ -121,16 +121,23 @@ class Sample(StrictModel):
 
     def human_texts(self) -> list[str]:
         """Human turn texts with missing placeholders put at the start of the first human turn."""
-        out = [t.value for t in self.conversations]
-        text = "".join(v for t, v in zip(self.conversations, out) if t.role == "human")
-        prefix = ""
-        if self.image_paths and IMAGE_TAG not in text:
-            prefix += (IMAGE_TAG + "\n") * len(self.image_paths)
-        if self.clip is not None and VIDEO_TAG not in text:
-            prefix += VIDEO_TAG + "\n"
-        first = next(i for i, t in enumerate(self.conversations) if t.role == "human")
-        out[first] = prefix + out[first]
-        return out
+        roles = [t.role for t in self.conversations]
+        return with_placeholders(roles, [t.value for t in self.conversations], len(self.image_paths), self.clip)
+
+
+def with_placeholders(roles: list[str], texts: list[str], images: int, clip: object) -> list[str]:
+    """`texts` with the media placeholders a conversation lacks put at the start of its first human turn: one
+    `<image>` per image when none is written, `<video>` when there is a clip and none is written."""
+    out = list(texts)
+    text = "".join(v for r, v in zip(roles, out) if r == "human")
+    prefix = ""
+    if images and IMAGE_TAG not in text:
+        prefix += (IMAGE_TAG + "\n") * images
+    if clip is not None and VIDEO_TAG not in text:
+        prefix += VIDEO_TAG + "\n"
+    first = roles.index("human")
+    out[first] = prefix + out[first]
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ def side_files(folder: Path, skip: Iterable[str] = ()) -> list[Path]:
     ]
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder, in name order."""
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
 def copy_side_files(source: Path | None, target: Path, skip: Iterable[str] = ()) -> list[str]:
     """Copy `source`'s side files into `target`; return their names."""
     if source is None:
