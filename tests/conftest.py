@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 
 import moekit  # noqa: E402  (registers the moekit model classes)
+from moekit.demo.bundle import write_tiny_vlm  # noqa: E402
+from moekit.demo.synth.writer import SynthSpec, write_synth  # noqa: E402
 from moekit.demo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
 
 from .plugin_env import example_plugin, plugin_site  # noqa: E402, F401  (plug-in install fixtures)
@@ -50,3 +52,26 @@ def tiny_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "qwen2_5_vl"
     tiny_model("qwen2_5_vl").save_pretrained(out)
     return out
+
+
+# A tiny VLM bundle and a small synthetic dataset (session scoped), for the data, generation and eval tests.
+SMALL = SynthSpec(images=6, videos=4, scenes=3, video_pairs=4, scene_pairs=3, eval_per_task=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    return write_tiny_vlm(tmp_path_factory.mktemp("bundle") / "tiny-vlm")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_synth(out, SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def preprocessor(bundle):
+    from moekit.data.preprocess import Preprocessor
+
+    return Preprocessor.from_dir(bundle)

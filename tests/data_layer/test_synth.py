@@ -5,7 +5,7 @@ from moekit.data.schema import parse_sample, read_records
 from moekit.demo.synth.vocab import NUMBERS, vocabulary, words_of
 from moekit.demo.synth.writer import SynthSpec, write_synth
 
-from .conftest import SMALL
+from ..conftest import SMALL
 
 FILES = {
     "pretrain_captions.jsonl": 13,  # 6 images + 4 videos + 3 scenes
