@@ -6,8 +6,10 @@ import typer
 
 from moekit.cli import (
     calibrate_cmd,
+    eval_cmd,
     evaluate_cmd,
     export_cmd,
+    generate_cmd,
     inspect_cmd,
     plugins_cmd,
     recipe_cmd,
@@ -37,6 +39,8 @@ app.command("verify")(verify_cmd.verify)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("export")(export_cmd.export)
 app.command("calibrate-router")(calibrate_cmd.calibrate_router)
+app.command("generate")(generate_cmd.generate)
+app.command("eval")(eval_cmd.eval_benchmark)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("routes")(routes_cmd.routes)
 app.command("teach")(teach_cmd.teach)

@@ -1,4 +1,7 @@
-"""`moekit evaluate MODEL --data FILE`: multiple-choice accuracy by answer log-likelihood, overall and per task."""
+"""`moekit evaluate MODEL --data FILE`: multiple-choice accuracy by answer log-likelihood, overall and per task.
+
+Deprecated in 0.3 for `moekit eval choices MODEL --data FILE -o OUT` (the same ranking, as one benchmark among
+others); it stays for one release."""
 
 from __future__ import annotations
 
@@ -18,8 +21,13 @@ def evaluate(
         "sum", help="rank by the answer's summed ('sum') or per-token ('mean') log-prob"
     ),
 ) -> None:
-    """Rank each sample's choices by the model's answer log-likelihood and report accuracy."""
+    """Deprecated: use `moekit eval choices`. Rank each sample's choices by answer log-likelihood."""
     import torch
+
+    typer.echo(
+        "moekit evaluate is deprecated and goes away in 0.4: use `moekit eval choices MODEL --data FILE -o OUT`",
+        err=True,
+    )
 
     from moekit.evaluate.choices import read_choice_samples, score_choices
     from moekit.evaluate.model_dir import open_model_dir
