@@ -95,6 +95,13 @@ def test_report_has_curves_routing_parameters_and_accuracy(smoke_run):
     assert all(row["seconds"] is not None for row in data["stages"].values())
     text = (report / "report.md").read_text()
     assert "## Held-out accuracy" in text and "## Routing of stage2_2 by modality" in text
+    # the same questions asked by generation (`evaluate:`), beside the likelihood ranking, and the machine
+    generated = data["benchmarks"]["choices-generate"]
+    assert list(generated) == ["base", "pretrain", "stage1_1", "dense_control", "stage2_2"]
+    assert all(row["count"] == data["accuracy"]["base"]["total"] for row in generated.values())
+    assert (root / "runs" / "polyv-tiny" / "eval" / "choices-generate" / "stage2_2" / "predictions.jsonl").is_file()
+    assert "## Benchmarks" in text and "| stage2_2 |" in text.split("## Benchmarks")[1]
+    assert data["machine"]["cpu"] and "Measured on" in text
 
 
 def test_every_tiny_yaml_runs_alone_from_its_header_command():

@@ -5,7 +5,10 @@
   model, per task (answer log-likelihood ranking, `moekit.evaluate.choices`);
 - `routes/`: routing share per expert per dataset and per modality of the final MoE model (PolyV Fig. 5-6);
 - a parameter table (total vs activated) of the base and the final model;
-- `report.md` and `report.json` with all numbers, and the wall time of each stage.
+- `benchmarks`: the pipeline's `evaluate:` steps, each model scored by `moekit eval` (its runs, resumable, in
+  `eval/<benchmark>/<model>/` beside the report), as one table like the paper's;
+- `report.md` and `report.json` with all numbers, the wall time of each stage and the machine they were
+  measured on (the same commit gives other numbers on another VM).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from moekit.arch import resolve_arch
 from moekit.data.config import DataConfig
 from moekit.data.loader import build_dataset
 from moekit.evaluate.choices import read_choice_samples, score_choices
+from moekit.evaluate.machine import machine_info, machine_line
 from moekit.evaluate.model_dir import open_model_dir
 from moekit.evaluate.routes import write_routes
+from moekit.evaluate.run import EvalSettings, run_eval
 from moekit.io.atomic import atomic_dir
 from moekit.modeling.meta_model import meta_model, read_config
 from moekit.moe.accounting import account
@@ -76,16 +81,46 @@ def _routes(path: Path, files: list[str], out: Path, max_samples: int | None) ->
     return {k: {"samples": v["samples"], "expert_share": v["expert_share"]} for k, v in report["modalities"].items()}
 
 
-def build_report(spec: Any, base: Path, stages: list[tuple[str, Path]], log=print) -> Path:
+def check_models(spec: Any, evaluate: list[Any], stages: list[str]) -> None:
+    """Refuse unknown model names in `report.compare` and `evaluate[i].models` (before anything trains)."""
+    known = {"base", *stages}
+    places = [("report.compare", spec.compare)] + [(f"evaluate[{i}].models", e.models) for i, e in enumerate(evaluate)]
+    for where, names in places:
+        unknown = [m for m in names if m not in known]
+        if unknown:
+            raise ValueError(f"{where}: unknown models {unknown}; choose 'base' or stages {stages}")
+
+
+def _benchmarks(evaluate: list[Any], models: dict[str, Path], final: str, report_out: Path, log) -> dict[str, Any]:
+    """{benchmark: {model: scores.json}} of every `evaluate:` step."""
+    out: dict[str, Any] = {}
+    for step in evaluate:
+        folder = Path(step.out) if step.out else report_out.parent / "eval" / step.benchmark
+        settings = EvalSettings(max_new_tokens=step.max_new_tokens, max_frames=step.max_frames, limit=step.limit)
+        for model in dict.fromkeys(step.models or [final]):
+            log(f"report: {step.benchmark} on {model}")
+            scores = run_eval(
+                step.benchmark,
+                models[model],
+                step.data,
+                folder / model,
+                media=step.media,
+                settings=settings,
+                progress=False,
+                log=log,
+            )
+            out.setdefault(step.benchmark, {})[model] = {k: v for k, v in scores.items() if k != "machine"}
+    return out
+
+
+def build_report(spec: Any, base: Path, stages: list[tuple[str, Path]], log=print, evaluate=()) -> Path:
     """Write the report of a pipeline whose stages (name, stage dir) ran in order; return the folder."""
     started = time.perf_counter()
     final_name, final_dir = stages[-1]
     models = {"base": base} | {name: d / "model" for name, d in stages}
+    check_models(spec, list(evaluate), [n for n, _ in stages])
     wanted = [*spec.compare, final_name]
-    unknown = [m for m in wanted if m not in models]
-    if unknown:
-        raise ValueError(f"report.compare: unknown models {unknown}; choose 'base' or stages {[n for n, _ in stages]}")
-    data: dict[str, Any] = {"stages": {}, "accuracy": {}, "parameters": {}}
+    data: dict[str, Any] = {"machine": machine_info(), "stages": {}, "accuracy": {}, "parameters": {}}
     curves = {}
     for name, stage_dir in stages:
         curves[name], seconds = read_log(stage_dir)
@@ -99,6 +134,7 @@ def build_report(spec: Any, base: Path, stages: list[tuple[str, Path]], log=prin
                 log(f"report: evaluating {model} on {spec.eval}")
                 data["accuracy"][model] = _accuracy(models[model], Path(spec.eval))
             plot_accuracy(data["accuracy"], tmp / "accuracy.png")
+        data["benchmarks"] = _benchmarks(list(evaluate), models, final_name, Path(spec.out), log)
         if spec.routes and data["parameters"][final_name]["moe_layers"]:
             log(f"report: routing of {final_name}")
             data["routes"] = _routes(models[final_name], spec.routes, tmp / "routes", spec.routes_max_samples)
@@ -109,7 +145,7 @@ def build_report(spec: Any, base: Path, stages: list[tuple[str, Path]], log=prin
 
 
 def markdown(data: dict[str, Any], final: str) -> str:
-    lines = ["# moekit pipeline report", ""]
+    lines = ["# moekit pipeline report", "", f"Measured on {machine_line(data['machine'])}.", ""]
     lines += ["## Stages", "", "| stage | wall s | final loss terms |", "| --- | --- | --- |"]
     for name, row in data["stages"].items():
         terms = ", ".join(f"{k.removeprefix('loss/')} {v:.3g}" for k, v in sorted(row["final"].items()))
@@ -140,6 +176,17 @@ def markdown(data: dict[str, Any], final: str) -> str:
             cells = [f"{row['per_task'][t]['accuracy']:.2f}" if t in row["per_task"] else "-" for t in tasks]
             lines.append(f"| {name} | {row['accuracy']:.2f} | " + " | ".join(cells) + " |")
         lines += ["", "Plot: `accuracy.png`."]
+    if data.get("benchmarks"):
+        names = list(data["benchmarks"])
+        rows = list(dict.fromkeys(m for b in data["benchmarks"].values() for m in b))
+        lines += ["", "## Benchmarks (`moekit eval`, overall score)", "", "| model | " + " | ".join(names) + " |"]
+        lines.append("| --- " * (len(names) + 1) + "|")
+        for model in rows:
+            cells = [data["benchmarks"][b].get(model) for b in names]
+            lines.append(
+                f"| {model} | " + " | ".join("-" if c is None else f"{c['overall']:.3f}" for c in cells) + " |"
+            )
+        lines += [""] + [f"- {b}: {next(iter(v.values()))['metric']}" for b, v in data["benchmarks"].items()]
     if data.get("routes"):
         lines += ["", f"## Routing of {final} by modality (share of top-k selections, all MoE layers)", ""]
         experts = None

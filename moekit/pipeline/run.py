@@ -12,7 +12,7 @@ from pathlib import Path
 from moekit.config.provenance import read_provenance
 from moekit.pipeline.checks import environment_problems
 from moekit.pipeline.prepare import run_prepare
-from moekit.pipeline.report import build_report
+from moekit.pipeline.report import build_report, check_models
 from moekit.recipe.load import Plan, PlannedStage
 from moekit.train.checkpoint import checkpoint_root, latest_checkpoint
 from moekit.train.outputs import output_path
@@ -72,6 +72,8 @@ def run_plan(
     is written after the last stage when the whole plan ran.
     """
     pipeline = plan.pipeline
+    if pipeline is not None and pipeline.report is not None:
+        check_models(pipeline.report, pipeline.evaluate, [p.stage.name for p in plan.stages])
     if pipeline is not None and pipeline.prepare:
         _prepare(pipeline.prepare)
     selected = preflight(plan, resume, only)
@@ -84,7 +86,8 @@ def run_plan(
         outputs.append(run_stage(plan, planned, resume=resume, batch_source=batch_source))
     if pipeline is not None and pipeline.report is not None and not only and main_process():
         stages = [(p.stage.name, p.output_dir) for p in plan.stages]
-        outputs.append(build_report(pipeline.report, Path(plan.stages[0].recipe.base), stages))
+        base = Path(plan.stages[0].recipe.base)
+        outputs.append(build_report(pipeline.report, base, stages, evaluate=pipeline.evaluate))
     return outputs
 
 

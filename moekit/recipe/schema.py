@@ -379,6 +379,19 @@ class ReportSpec(StrictModel):
     routes_max_samples: int | None = Field(None, ge=1, description="samples per routing data file (default: all)")
 
 
+class EvaluateStep(StrictModel):
+    """A benchmark to score after the stages (`moekit eval` on each model), written into the report's table."""
+
+    benchmark: Literal["mmstar", "cvbench", "vsibench", "videomme", "scanqa", "sqa3d", "choices", "choices-generate"]
+    data: str = Field(description="the benchmark's released annotation file or folder (docs/evaluation.md)")
+    media: str | None = Field(None, description="folder of its videos / scenes (default: beside the data)")
+    models: list[str] = Field(default_factory=list, description="'base' or stage names (default: the last stage)")
+    limit: int | None = Field(None, ge=1, description="only the first N questions")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the benchmark's own")
+    max_frames: int | None = Field(None, ge=1, description="video / scene frames (default 32)")
+    out: str | None = Field(None, description="folder of the runs (default: eval/<benchmark> beside the report)")
+
+
 class Pipeline(StrictModel):
     """Recipe files run in order; their stages share one namespace, so later recipes may use earlier outputs."""
 
@@ -387,4 +400,13 @@ class Pipeline(StrictModel):
     base: str | None = Field(None, description="when given, replaces the base of every recipe")
     output_dir: str | None = Field(None, description="when given, replaces the output_dir of every recipe")
     steps: int | None = Field(None, ge=1, description="when given, every stage trains this many steps (smoke runs)")
+    evaluate: list[EvaluateStep] = Field(
+        default_factory=list, description="benchmarks scored after the last stage, shown in the report"
+    )
     report: ReportSpec | None = None
+
+    @model_validator(mode="after")
+    def _evaluate_needs_report(self) -> Pipeline:
+        if self.evaluate and self.report is None:
+            raise ValueError("evaluate: needs a report: section, whose table shows the scores")
+        return self
