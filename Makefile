@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
 
-.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve clean
+.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve bench-generate bench-lmms clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-all: $(STAMP)
 # Benchmarks (numbers go to docs/benchmarks.md); bench-convert writes ~25 GB under bench/out.
 bench-moe: $(STAMP)
 	$(BIN)/python bench/moe_block.py
+
+bench-generate: $(STAMP)
+	$(BIN)/python bench/generate.py
+
+# lmms-eval (its own venv under bench/out/lmms) against `moekit eval` on an MMStar fixture
+bench-lmms: $(STAMP)
+	$(BIN)/python bench/lmms_check.py
 
 bench-convert: $(STAMP)
 	$(BIN)/python bench/convert.py
