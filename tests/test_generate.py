@@ -175,3 +175,23 @@ def test_real_weights_upcycled_answer_like_the_dense_model(smollm2, tmp_path):
         assert len(ids) >= 4
         assert generate_ids(moe, request, sampling) == ids
     assert "paris" in generate_batch(dense_dir, requests[:1], sampling)[0].lower()
+
+
+TEXT_FAMILIES = sorted(__import__("moekit.demo.tiny", fromlist=["FAMILIES"]).FAMILIES)
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_every_tiny_family_generates_and_its_upcycle_answers_the_same(family, tmp_path):
+    from moekit.demo.bundle import build_tokenizer
+    from moekit.demo.tiny import tiny_model
+
+    folder = tmp_path / family
+    tiny_model(family, seed=1).save_pretrained(folder)
+    build_tokenizer(["the", "sea", "is", "blue", "red", "what", "colour", "?", "a", "ship"]).save_pretrained(folder)
+    dense = open_model_dir(folder)
+    moe_model = moekit.upcycle(open_model_dir(folder).model, moekit.UpcycleSpec(layers="full", num_experts=4, top_k=2))
+    moe = ModelDir(folder, moe_model.eval(), dense.preprocessor)
+    request = make_request("what colour is the sea ?")
+    ids = generate_ids(dense, request, GREEDY)
+    assert len(ids) >= 1
+    assert generate_ids(moe, request, GREEDY) == ids

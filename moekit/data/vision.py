@@ -106,6 +106,25 @@ class ProcessorVision:
         return {}
 
 
+class UnavailableVision:
+    """A VLM whose processor cannot be built offline: text-only prompts work, media raise the reason."""
+
+    supports_video = False
+
+    def __init__(self, family: str, reason: str):
+        self.family = family
+        self.reason = reason
+
+    def image(self, image: Image.Image) -> Segment:
+        raise ValueError(self.reason)
+
+    def video(self, frames: list[Image.Image]) -> Segment:
+        raise ValueError(self.reason)
+
+    def token_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"token_type_ids": torch.zeros_like(ids)} if self.family in TOKEN_TYPE_FAMILIES else {}
+
+
 def _image_token_id(config: Any) -> int:
     for key in ("image_token_id", "image_token_index"):
         if getattr(config, key, None) is not None:
@@ -114,7 +133,8 @@ def _image_token_id(config: Any) -> int:
 
 
 def build_vision(path: str | Path, family: str, config: Any) -> Vision | None:
-    """The visual preprocessing for a model folder; None for a text-only model."""
+    """The visual preprocessing for a model folder; None for a text-only model; `UnavailableVision` (text
+    works, media raise why) for a VLM whose processor cannot be built offline."""
     if family in QWEN_FAMILIES:
         pixels = QwenPixelConfig.from_dir(path, getattr(config, "vision_config", None))
         if family == "qwen3_vl" and not (Path(path) / "preprocessor_config.json").is_file():
@@ -127,8 +147,9 @@ def build_vision(path: str | Path, family: str, config: Any) -> Vision | None:
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds here; the message is what matters
-        raise ValueError(
+        return UnavailableVision(
+            family,
             f"{path}: cannot build the {family} processor offline ({type(exc).__name__}: {exc}); moekit has its own "
-            f"preprocessing only for {', '.join(QWEN_FAMILIES)}"
-        ) from None
+            f"preprocessing only for {', '.join(QWEN_FAMILIES)}",
+        )
     return ProcessorVision(family, config, processor)
