@@ -133,6 +133,11 @@ def normalise_answer(text: str) -> str:
     return " ".join(words)
 
 
+def named_choices(said: str, choices: Iterable[str]) -> list[str]:
+    """The choices whose normalised text appears as whole words in the normalised reply `said`."""
+    return [c for c in choices if re.search(rf"\b{re.escape(normalise_answer(c))}\b", said)]
+
+
 def score_generated(predictions: Mapping[str, str], samples: Iterable[Sample]) -> dict[str, Any]:
     """Score generated answers `{sample_id: text}`: correct when the normalised text equals the normalised
     answer, or names exactly one of the choices and that one is the answer. Missing predictions count wrong."""
@@ -145,8 +150,7 @@ def score_generated(predictions: Mapping[str, str], samples: Iterable[Sample]) -
             said = normalise_answer(text)
             correct = said == normalise_answer(answer)
             if not correct and sample.choices:
-                named = [c for c in sample.choices if re.search(rf"\b{re.escape(normalise_answer(c))}\b", said)]
-                correct = named == [answer]
+                correct = named_choices(said, sample.choices) == [answer]
         chance = 1 / len(sample.choices) if sample.choices else 0.0
         details.append(
             {

@@ -12,7 +12,7 @@ import torch
 from moekit.data.config import FramesSpec
 from moekit.data.media import load_media
 from moekit.evaluate.benchmarks.base import Benchmark, Question, Scored, micro
-from moekit.evaluate.choices import normalise_answer, read_choice_samples, score_choices
+from moekit.evaluate.choices import named_choices, normalise_answer, read_choice_samples, score_choices
 
 
 def load_choices(data: Path, media_root: Path | None, frames: FramesSpec) -> list[Question]:
@@ -50,7 +50,7 @@ def score_choice_text(question: Question, prediction: str) -> Scored:
     said = normalise_answer(prediction)
     if said == normalise_answer(question.answer):
         return Scored(question.answer, 1.0)
-    named = [c for c in question.options if f" {normalise_answer(c)} " in f" {said} "]
+    named = named_choices(said, question.options)
     parsed = named[0] if len(named) == 1 else None
     return Scored(parsed, float(parsed == question.answer))
 
