@@ -6,6 +6,8 @@ import typer
 
 from moekit.cli import (
     calibrate_cmd,
+    csqa_cmd,
+    data_cmd,
     eval_cmd,
     evaluate_cmd,
     export_cmd,
@@ -48,6 +50,8 @@ app.command("synth")(synth_cmd.synth)
 app.command("tiny-vlm")(tiny_vlm_cmd.tiny_vlm)
 app.command("tiny")(tiny_cmd.tiny)
 app.command("plugins")(plugins_cmd.plugins)
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(csqa_cmd.app, name="csqa")
 
 
 @app.command("version")
