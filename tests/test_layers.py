@@ -30,6 +30,7 @@ LAYERS = [
     "recipe",
     "train",
     "evaluate",
+    "csqa",
     "pipeline",
     "cli",
 ]
