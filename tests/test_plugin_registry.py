@@ -58,9 +58,9 @@ def test_example_plugin_is_discovered_with_package_and_version(example_plugin):
 
 
 def test_allow_list_limits_what_loads(example_plugin, monkeypatch):
-    monkeypatch.setenv(registry.ALLOW_ENV, "example")
+    monkeypatch.setenv(registry.ALLOW_ENV, "moekit-example-plugin:example")  # DIST:NAME, one entry point
     reg = registry.reload()
-    assert [p.name for p in reg.plugins] == ["example"]
+    assert [(p.name, p.error) for p in reg.plugins] == [("example", None)]
     assert "polyv_3d" not in reg.components("position_encoder")
     monkeypatch.setenv(registry.ALLOW_ENV, "moekit,missing")  # a distribution name selects all its entry points
     reg = registry.reload()

@@ -63,4 +63,7 @@ def version() -> None:
 
 
 def main() -> None:
+    from moekit.io.atomic import handle_sigterm
+
+    handle_sigterm()  # SIGTERM (Slurm, Kubernetes) cleans up like Ctrl-C: no partial output is left behind
     app()

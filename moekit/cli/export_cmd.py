@@ -14,6 +14,9 @@ def export(
     list_twins: bool = typer.Option(False, "--list", help="print what each family can become, and why others cannot"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output directory"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="write NaN/Inf weights instead of stopping at the first tensor with one"
+    ),
 ) -> None:
     """Export a moekit checkpoint as its family's stock MoE twin (e.g. Qwen3-VL -> Qwen3-VL-MoE), in the tensor
     layout of the twin's released checkpoints, loadable by stock transformers, vLLM, SGLang and llama.cpp.
@@ -37,5 +40,5 @@ def export(
         raise ValueError("choose an export format: --native (the only one so far)")
     from moekit.upcycle.export import export_native
 
-    out = export_native(source, output, overwrite=overwrite, progress=not quiet)
+    out = export_native(source, output, overwrite=overwrite, progress=not quiet, allow_nonfinite=allow_nonfinite)
     typer.echo(f"wrote {out}")

@@ -10,21 +10,24 @@ from rich.table import Table
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="checkpoint directory or config.json (weights are never read)"),
+    path: Path = typer.Argument(..., help="checkpoint directory or config.json (weights are never read, headers are)"),
     layers: str = typer.Option(None, "--layers", help="for a dense config: project this MoE layout, e.g. interval:4"),
     num_experts: int = typer.Option(4, "--num-experts", help="experts per MoE layer for --layers"),
     top_k: int = typer.Option(2, "--top-k", help="experts per token for --layers"),
     shared_expert: bool = typer.Option(False, "--shared-expert", help="add a shared expert for --layers"),
 ) -> None:
-    """Show a model's layer map (dense / MoE) and its total vs activated parameters."""
+    """Show a model's layer map (dense / MoE) and its total vs activated parameters; for a checkpoint folder, check
+    its shard headers against config.json and its index against the shards (exit 1 when they disagree)."""
     from moekit.arch import resolve_arch
     from moekit.config.record import MoeRecord
     from moekit.modeling.meta_model import meta_model, read_config
     from moekit.moe.accounting import account, billions
     from moekit.upcycle import UpcycleSpec, upcycle
+    from moekit.upcycle.checks import checkpoint_problems
 
     config = read_config(path)
     model = meta_model(config)
+    problems, weights = checkpoint_problems(path, model, config) if path.is_dir() else ([], "")
     kind = config.model_type
     record = MoeRecord.of(config)
     dense = None
@@ -58,3 +61,7 @@ def inspect(
                 "increment", "+" + billions(result.total - dense.total), "+" + billions(result.active - dense.active)
             )
     console.print(table)
+    if weights and not problems:
+        console.print(f"weights: {weights}, shapes match config.json: healthy")
+    if problems:
+        raise ValueError(f"{path} is not a healthy checkpoint ({weights}):\n  " + "\n  ".join(problems))

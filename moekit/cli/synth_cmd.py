@@ -27,7 +27,9 @@ def synth(
     values = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
     from moekit.config import parse_config
     from moekit.demo.synth.writer import SynthSpec, write_synth
+    from moekit.io.overlap import check_apart
 
+    check_apart(out, {})  # no inputs, but never the folder you are in (--overwrite would replace it)
     spec = parse_config(SynthSpec, values, source="moekit synth")
     manifest = write_synth(out, spec, overwrite=overwrite)
     total = sum(manifest["files"].values())

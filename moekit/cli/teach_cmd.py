@@ -26,6 +26,7 @@ def teach(
     from moekit.attach.teachers import build_cache, read_samples
     from moekit.attach.teachers.cache import check_compatible
     from moekit.config import apply_overrides, load_yaml, parse_config
+    from moekit.io.overlap import check_apart
     from moekit.plugins.registry import registry
 
     params = load_yaml(config) if config is not None else {}
@@ -36,6 +37,8 @@ def teach(
     component = registry().get("teacher", teacher, where=f"--teacher {teacher}")
     validated = parse_config(component.params, params, source=f"teacher {teacher} params (--config/--param)")
     stored = validated.model_dump(mode="json")
+    paths = {f"--param {k}": v for k, v in stored.items() if isinstance(v, str) and v and Path(v).exists()}
+    check_apart(out, {"--data": data, "--root": root, "--config": config, **paths})
     if not overwrite:
         check_compatible(out, teacher, stored, dtype)  # before the teacher loads
     model = component.build(validated)

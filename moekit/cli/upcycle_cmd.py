@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,18 +18,33 @@ DTYPES = {
 }
 
 
+EXPERT_OPTIONS = ("noise_scale", "reinit_ratio", "seed", "lora_scale", "modality")
+
+
 def parse_expert(text: str) -> dict:
-    """`NAME=SOURCE[,key=value...]` or `base` -> an ExpertSpec dict (keys: noise_scale, reinit_ratio, seed, lora_scale, modality)."""
-    head, *options = text.split(",")
-    name, _, source = head.partition("=")
-    entry: dict = {"name": name.strip(), "source": (source or "base").strip()}
-    for option in options:
-        key, _, value = option.partition("=")
-        if not value:
+    """`NAME=SOURCE[,key=value...]` or `base` -> an ExpertSpec dict (keys: EXPERT_OPTIONS).
+
+    Options are read from the right: a trailing `,key=value` with a known key is an option, anything before
+    belongs to SOURCE, so a path may hold commas (`image=/data/a,b/ckpt,noise_scale=0.01`)."""
+    parts = text.split(",")
+    options: dict[str, str] = {}
+    while len(parts) > 1:
+        key, sep, value = parts[-1].partition("=")
+        if key.strip() in EXPERT_OPTIONS and sep:
+            if not value.strip():
+                raise ValueError(f"--expert {text!r}: option {key.strip()!r} needs a value")
+            options[key.strip()] = value.strip()
+            parts.pop()
+        elif re.fullmatch(r"\s*[A-Za-z_]+\s*=[^/]*", parts[-1]):  # key=value with an unknown key: a typo
             raise ValueError(
-                f"--expert {text!r}: option {option!r} must be key=value (noise_scale, reinit_ratio, seed, lora_scale, modality)"
+                f"--expert {text!r}: {parts[-1].strip()!r} is not an option; options are key=value with key one of "
+                f"{', '.join(EXPERT_OPTIONS)}"
             )
-        entry[key.strip()] = value.strip()
+        else:
+            break
+    name, _, source = ",".join(parts).partition("=")
+    entry: dict = {"name": name.strip(), "source": (source or "base").strip()}
+    entry.update(reversed(list(options.items())))
     return entry
 
 
@@ -38,7 +54,7 @@ def upcycle(
     expert: list[str] = typer.Option(
         None,
         "--expert",
-        help="NAME=SOURCE[,noise_scale=..,reinit_ratio=..,seed=..]; SOURCE is a checkpoint dir, an FFN-only dir, a LoRA adapter dir, or 'base'; repeat per expert",
+        help="NAME=SOURCE[,noise_scale=..,reinit_ratio=..,seed=..]; SOURCE is a checkpoint dir, an FFN-only dir, a LoRA adapter dir, or 'base' (it may contain commas: options are read from the right); repeat per expert",
     ),
     layers: str = typer.Option(None, "--layers", help="interval:K[:OFFSET], first_half, last_half, full or 0,4,8"),
     top_k: int = typer.Option(None, "--top-k", help="experts per token"),
@@ -59,6 +75,9 @@ def upcycle(
         True, "--compare/--no-compare", help="compare specialists' non-FFN tensors with the base first"
     ),
     shard_size: float = typer.Option(4.0, "--shard-size", help="maximum output shard size in GB"),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="write NaN/Inf weights instead of stopping at the first tensor with one"
+    ),
 ) -> None:
     """Upcycle a dense checkpoint into an MoE checkpoint, streaming with bounded memory.
 
@@ -94,6 +113,7 @@ def upcycle(
         allow_pickle=allow_pickle,
         compare=compare,
         max_shard_bytes=int(shard_size * 1024**3),
+        allow_nonfinite=allow_nonfinite,
     )
     console = Console(stderr=True, quiet=quiet)
     for name, groups in report.divergence.items():

@@ -51,6 +51,9 @@ class Provenance(StrictModel):
     started_from: Any = None
     steps: int | None = None
     tokens: int | None = None
+    resumed: list[dict[str, Any]] = Field(
+        default_factory=list, description="checkpoints the stage resumed from: step, checkpoint, accepted changes"
+    )
     # an ffn_only output: the decoder's layer count and the tensor names it holds
     layers: int | None = None
     keys: list[str] | None = None

@@ -14,7 +14,7 @@ from moekit.pipeline.checks import environment_problems
 from moekit.pipeline.prepare import run_prepare
 from moekit.pipeline.report import build_report, check_models
 from moekit.recipe.load import Plan, PlannedStage
-from moekit.train.checkpoint import checkpoint_root, latest_checkpoint
+from moekit.train.checkpoint import ACCEPTABLE, checkpoint_root, latest_checkpoint
 from moekit.train.outputs import output_path
 from moekit.train.sources import BatchSource
 from moekit.train.stage import main_process, run_stage, stage_output
@@ -34,7 +34,7 @@ def preflight(plan: Plan, resume: bool, only: Iterable[str] = ()) -> list[Planne
         if uses_base and not Path(planned.recipe.base, "config.json").is_file():
             problems.append(f"{planned.source}: base: {planned.recipe.base} is not a local checkpoint directory")
         for ref in stage.start.stage_refs():
-            if plan.get(ref) in selected:
+            if plan.get(ref) in selected or plan.get(ref) is None:  # undefined names: environment_problems
                 continue
             path = stage_output(plan, planned, ref)
             if read_provenance(path) is None:
@@ -64,13 +64,22 @@ def preflight(plan: Plan, resume: bool, only: Iterable[str] = ()) -> list[Planne
 
 
 def run_plan(
-    plan: Plan, *, resume: bool = False, only: Iterable[str] = (), batch_source: BatchSource | None = None
+    plan: Plan,
+    *,
+    resume: bool = False,
+    only: Iterable[str] = (),
+    batch_source: BatchSource | None = None,
+    accept_changes: Iterable[str] = (),
 ) -> list[Path]:
     """Run the plan's stages in order (skipping finished ones on resume); return their output directories.
 
     A pipeline's `prepare:` steps run first (main process; the others wait for their folders) and its `report:`
     is written after the last stage when the whole plan ran.
     """
+    accept_changes = tuple(accept_changes)
+    unknown = [f for f in accept_changes if f not in ACCEPTABLE]
+    if unknown:
+        raise ValueError(f"--accept-change {unknown[0]!r}: not a field a resume can take; choose from {ACCEPTABLE}")
     pipeline = plan.pipeline
     if pipeline is not None and pipeline.report is not None:
         check_models(pipeline.report, pipeline.evaluate, [p.stage.name for p in plan.stages])
@@ -83,7 +92,9 @@ def run_plan(
         if resume and read_provenance(target) is not None:
             outputs.append(target)
             continue
-        outputs.append(run_stage(plan, planned, resume=resume, batch_source=batch_source))
+        outputs.append(
+            run_stage(plan, planned, resume=resume, batch_source=batch_source, accept_changes=accept_changes)
+        )
     if pipeline is not None and pipeline.report is not None and not only and main_process():
         stages = [(p.stage.name, p.output_dir) for p in plan.stages]
         base = Path(plan.stages[0].recipe.base)

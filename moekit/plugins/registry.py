@@ -1,14 +1,17 @@
 """Plug-in discovery through the `moekit` entry-point group, and lookup of the components they provide.
 
 Built-in plug-ins (package `moekit_plugins`) register through the same entry-point group as third-party ones.
-`MOEKIT_PLUGINS=name,name` limits which load (entry-point or distribution names; empty = none). A plug-in that
-fails to import, implements an unknown hook or answers a hook with something malformed is reported by name
-(`moekit plugins`, and in every "not found" error) while the others keep working.
+`MOEKIT_PLUGINS=dist,dist:name` limits which load: a distribution (all its entry points) or one entry point of a
+distribution; empty = none. Entry points are admitted by the distribution that declares them, so another package
+cannot slip in under an admitted name, and two admitted entry points with one name are both refused before
+either is imported. A plug-in that fails to import, implements an unknown hook or answers a hook with something
+malformed is reported by name (`moekit plugins`, and in every "not found" error) while the others keep working.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import metadata
@@ -185,6 +188,88 @@ def allowed_plugins() -> set[str] | None:
     return None if value is None else {n.strip() for n in value.split(",") if n.strip()}
 
 
+def dist_key(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503: case and runs of `-_.` do not matter)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _origin(point: metadata.EntryPoint) -> tuple[str, str]:
+    """(distribution name, version) of an entry point; the module's top package when it has no distribution."""
+    if point.dist is not None:
+        return point.dist.name, point.dist.version
+    return point.module.split(".")[0], "?"
+
+
+def admit(points: list[metadata.EntryPoint], allowed: set[str] | None) -> tuple[list, list[PluginInfo]]:
+    """Split `points` into those to import and refusals, before anything is imported.
+
+    `allowed` entries are `dist` (every entry point of that distribution) or `dist:name` (one of them). A bare
+    entry that is not a distribution, or that is also the name of another distribution's entry point, admits
+    nothing. Entry points that share a name are all refused, with the distributions that clash."""
+    refused: list[PluginInfo] = []
+    chosen = list(points)
+    if allowed is not None:
+        dists = {dist_key(_origin(p)[0]) for p in points}
+        pairs = {_entry_key(a) for a in allowed if ":" in a}
+        whole = {dist_key(a) for a in allowed if ":" not in a and not _other_owners(a, points)}
+        chosen = [
+            p for p in points if f"{dist_key(_origin(p)[0])}:{p.name}" in pairs or dist_key(_origin(p)[0]) in whole
+        ]
+        for entry in sorted(allowed):
+            problem = _unmatched(entry, points, dists)
+            if problem:
+                refused.append(PluginInfo(entry, "?", "?", error=problem))
+    by_name: dict[str, list[metadata.EntryPoint]] = {}
+    for point in chosen:
+        by_name.setdefault(point.name, []).append(point)
+    admitted = []
+    for name, group in sorted(by_name.items()):
+        if len(group) == 1:
+            admitted.append(group[0])
+            continue
+        group.sort(key=lambda p: dist_key(_origin(p)[0]))
+        clash = " and ".join(f"{d} {v} ({p.value})" for p, (d, v) in ((p, _origin(p)) for p in group))
+        choices = " or ".join(f"{ALLOW_ENV}={_origin(p)[0]}:{name}" for p in group)
+        error = (
+            f"entry point name {name!r} is declared by {clash}; neither was imported. Uninstall one, or admit "
+            f"the one you trust: {choices}"
+        )
+        refused += [PluginInfo(name, *_origin(p), p.value, error=error) for p in group]
+    return admitted, refused
+
+
+def _entry_key(entry: str) -> str:
+    dist, _, name = entry.partition(":")
+    return f"{dist_key(dist.strip())}:{name.strip()}"
+
+
+def _other_owners(entry: str, points: list[metadata.EntryPoint]) -> list[str]:
+    """`dist:name` of the entry points called `entry` that belong to a distribution not called `entry`."""
+    return sorted(
+        f"{_origin(p)[0]}:{p.name}" for p in points if p.name == entry and dist_key(_origin(p)[0]) != dist_key(entry)
+    )
+
+
+def _unmatched(entry: str, points: list[metadata.EntryPoint], dists: set[str]) -> str | None:
+    """Why an allow-list entry admits nothing (None when it admits something)."""
+    installed = ", ".join(sorted(f"{_origin(p)[0]}:{p.name}" for p in points)) or "none"
+    missing = f"named in {ALLOW_ENV} but not installed (installed: {installed})"
+    if ":" in entry:
+        return None if _entry_key(entry) in {f"{dist_key(_origin(p)[0])}:{p.name}" for p in points} else missing
+    owners = _other_owners(entry, points)
+    if not owners:
+        return None if dist_key(entry) in dists else missing
+    if dist_key(entry) in dists:
+        return (
+            f"{ALLOW_ENV} entry {entry!r} is both a distribution and an entry point of {', '.join(owners)}; "
+            f"nothing was admitted for it. Write DIST:NAME, e.g. {owners[0]}"
+        )
+    return (
+        f"{ALLOW_ENV} admits entry points by distribution; {entry!r} is an entry point name, so nothing was "
+        f"admitted for it. Write DIST:NAME: {', '.join(owners)}"
+    )
+
+
 def new_registry(
     entry_points: list[metadata.EntryPoint] | None = None, allowed: set[str] | None = None, *, modules: Any = ()
 ) -> Registry:
@@ -196,17 +281,12 @@ def new_registry(
     manager.add_hookspecs(hooks)
     registry = Registry(manager)
     points = entry_points if entry_points is not None else list(metadata.entry_points(group=ENTRY_POINT_GROUP))
-    seen: set[str] = set()
-    for point in sorted(points, key=lambda p: p.name):
-        package = point.dist.name if point.dist else point.module.split(".")[0]
-        if allowed is not None and point.name not in allowed and package not in allowed:
-            continue
-        seen.update((point.name, package))
-        info = PluginInfo(point.name, package, point.dist.version if point.dist else "?", point.value)
+    admitted, refused = admit(points, allowed)
+    registry.plugins.extend(refused)
+    for point in admitted:
+        package, version = _origin(point)
+        info = PluginInfo(point.name, package, version, point.value)
         registry.plugins.append(info)
-        if point.name in {p.name for p in registry.plugins[:-1]}:
-            info.error = f"entry point name {point.name!r} is used by two packages; rename one"
-            continue
         try:
             _register(manager, point.load(), point.name)
         except Exception as exc:  # a broken plug-in must not take the others down
@@ -218,11 +298,6 @@ def new_registry(
             _register(manager, obj, name)
         except Exception as exc:
             info.error = f"{type(exc).__name__}: {exc}"
-    for name in sorted((allowed or set()) - seen - {n for n, _ in modules}):
-        installed = ", ".join(sorted(p.name for p in points)) or "none"
-        registry.plugins.append(
-            PluginInfo(name, "?", "?", error=f"named in {ALLOW_ENV} but not installed (installed: {installed})")
-        )
     return registry
 
 

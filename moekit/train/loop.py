@@ -23,7 +23,7 @@ from moekit.attach.teachers.batch import resolve_teacher
 from moekit.config.record import MoeRecord
 from moekit.moe.stats import RoutingStats
 from moekit.recipe.schema import Group, Stage
-from moekit.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from moekit.train.checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint, training_fields
 from moekit.train.engine import Engine
 from moekit.train.groups import hf_model, select, set_trainable
 from moekit.train.logger import RunLogger
@@ -58,6 +58,7 @@ class StageRun:
     resume: bool = False
     model_dir: Path | None = None
     synergy_tokens: list[str] = field(default_factory=list)
+    accept_changes: tuple[str, ...] = ()  # recipe fields a resume may find changed (checkpoint.ACCEPTABLE)
 
 
 def plan_phases(stage: Stage, total: int, where: str) -> list[PhasePlan]:
@@ -132,9 +133,15 @@ def train_stage(run: StageRun) -> Position:
         lambda optimizer: build_scheduler(stage.schedule, optimizer, total),
     )
     position = Position(world_size=engine.world_size, batch_size=stage.batch_size, grad_accum=stage.grad_accum)
+    recipe = training_fields(stage)
     checkpoint = latest_checkpoint(run.stage_dir) if run.resume else None
     if checkpoint is not None:
-        position = load_checkpoint(engine, checkpoint, position)
+        position = load_checkpoint(engine, checkpoint, position, recipe, run.accept_changes, run.where)
+        if position.step > total:
+            raise ValueError(
+                f"{run.where}.steps: the stage now has {total} steps, fewer than its checkpoint's {position.step} "
+                f"({checkpoint}); give at least {position.step} steps, or start again without --resume"
+            )
     logger = RunLogger(run.stage_dir, stage.name, total, engine.is_main, resume_step=position.step)
     logger.event(
         "stage_start" if checkpoint is None else "resume",
@@ -145,6 +152,7 @@ def train_stage(run: StageRun) -> Position:
         world_size=engine.world_size,
         precision=stage.precision,
         checkpoint=str(checkpoint) if checkpoint else None,
+        accepted=position.resumes[-1]["accepted"] if checkpoint else None,
     )
 
     weights = LossWeights.of(stage.losses, module.model)
@@ -225,7 +233,7 @@ def train_stage(run: StageRun) -> Position:
             logger.train(position.step, phase.name, metrics)
             window_tokens, window_start = 0, time.perf_counter()
         if stage.save_every and (position.step % stage.save_every == 0 or position.step == total):
-            path = save_checkpoint(engine, run.stage_dir, position, stage.keep_checkpoints)
+            path = save_checkpoint(engine, run.stage_dir, position, stage.keep_checkpoints, recipe)
             logger.event("checkpoint", step=position.step, path=str(path))
     logger.event("stage_end", step=position.step, tokens=position.tokens)
     logger.close()

@@ -81,9 +81,15 @@ def _calibration(
 
 
 def run_stage(
-    plan: Plan, planned: PlannedStage, *, resume: bool = False, batch_source: BatchSource | None = None
+    plan: Plan,
+    planned: PlannedStage,
+    *,
+    resume: bool = False,
+    batch_source: BatchSource | None = None,
+    accept_changes: tuple[str, ...] = (),
 ) -> Path:
-    """Train one stage and write its output; every process of a distributed run calls this."""
+    """Train one stage and write its output; every process of a distributed run calls this. On resume the
+    recipe must match the checkpoint's, except for the `accept_changes` fields (moekit.train.checkpoint)."""
     stage, where = planned.stage, planned.where
     set_seed(stage.seed)
     source = batch_source or get_batch_source(stage, where)
@@ -116,6 +122,7 @@ def run_stage(
         resume,
         source_dir,
         synergy_tokens=placeholder_tokens(heads),
+        accept_changes=tuple(accept_changes),
     )
     position = train_stage(run)
 
@@ -163,6 +170,7 @@ def write_output(
         steps=position.step,
         tokens=position.tokens,
         synergy_tokens=synergy_tokens or [],
+        resumed=position.resumes,
     )
     return save_output(
         target,

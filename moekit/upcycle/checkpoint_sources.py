@@ -181,8 +181,10 @@ def checkpoint_source(
     base=None,
     lora_scale: float = 1.0,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ):
-    """The expert source at `path`: a LoRA adapter directory (merged onto `base`) or a checkpoint."""
+    """The expert source at `path`: a LoRA adapter directory (merged onto `base`) or a checkpoint; its tensors are
+    refused when they hold NaN/Inf unless `allow_nonfinite`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
@@ -191,6 +193,8 @@ def checkpoint_source(
     if (path / "adapter_config.json").is_file():
         if base is None:
             raise CheckpointError(f"expert {name!r}: a LoRA adapter needs the base model's FFN")
-        return LoraSource(base, path, adapter, f"expert {name!r} (LoRA adapter {path})", lora_scale, allow_pickle)
-    reader = CheckpointReader(path, allow_pickle=allow_pickle)
+        source = LoraSource(base, path, adapter, f"expert {name!r} (LoRA adapter {path})", lora_scale, allow_pickle)
+        source.reader.allow_nonfinite = allow_nonfinite
+        return source
+    reader = CheckpointReader(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     return CheckpointSource(reader, names, adapter, f"expert {name!r} ({path})")

@@ -26,12 +26,14 @@ from moekit.config.record import MoeRecord
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
 from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames
+from moekit.io.overlap import check_apart
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointError, CheckpointReader
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.classes import moekit_classes
 from moekit.modeling.meta_model import meta_model, read_config
 from moekit.upcycle.checkpoint_sources import CheckpointSource, LoraSource, checkpoint_source
+from moekit.upcycle.checks import check_config_matches
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight
 from moekit.upcycle.layout import resolve_layers
 from moekit.upcycle.spec import UpcycleSpec
@@ -56,7 +58,7 @@ def _group(key: str) -> str:
 class _Plan:
     """Everything the converter knows before writing: sources, keys, shapes."""
 
-    def __init__(self, spec: UpcycleSpec, allow_pickle: bool, dtype: torch.dtype | None):
+    def __init__(self, spec: UpcycleSpec, allow_pickle: bool, dtype: torch.dtype | None, allow_nonfinite: bool = False):
         if spec.base is None:
             raise ValueError("base: required; the dense checkpoint directory to upcycle (--base DIR)")
         if spec.router.init == "prototype":
@@ -71,9 +73,10 @@ class _Plan:
             )
         self.spec = spec
         self.base_dir = Path(spec.base)
-        self.base = CheckpointReader(self.base_dir, allow_pickle=allow_pickle)
+        self.base = CheckpointReader(self.base_dir, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.config = read_config(self.base_dir)
         self.dense = meta_model(self.config)
+        check_config_matches(self.dense, self.base, self.config, self.base_dir)
         self.adapter: ArchAdapter = resolve_arch(self.dense, spec.arch)
         if self.adapter.inline and spec.shared_expert:
             raise ValueError(
@@ -118,6 +121,7 @@ class _Plan:
         source = checkpoint_source(
             expert.source, self.adapter, expert.name, self.names, self.base_source, expert.lora_scale, allow_pickle
         )
+        source.reader.allow_nonfinite = self.base.allow_nonfinite
         if isinstance(source, LoraSource):
             source.check(self.layers, lambda layer: self.base_layout[layer])
             return source
@@ -299,6 +303,7 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
         return out
 
     layer_of = {k: layer for layer in plan.layers for g in plan.base_source.ffn_keys(layer).values() for k in g}
+    inner = () if adapter.inline else tuple(f"{ffn_prefix[layer]}." for layer in plan.layers)
     first = plan.layers[0]
     decoder = re.compile(re.escape(layer_prefix[first].rsplit(f".{first}", 1)[0]) + r"\.(\d+)\.")
     for key in sorted(base.keys(), key=_natural):
@@ -311,11 +316,15 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
                     layer_keys[layer].append(planned.key)
             continue
         dtype = plan.out_dtype(key)
+        out_key = key
+        owner = next((p for p in inner if key.startswith(p)), None) if inner else None
+        if owner is not None:  # the FFN's own state beyond its projections (xIELU's alphas) moves into the experts
+            out_key = f"{owner}experts.{key[len(owner) :]}"
         if full and key not in plan.all_ffn_keys:
             producer = lambda key=key, dtype=dtype: _average(key, base, [s.reader for _, s in full]).to(dtype)
         else:
             producer = lambda key=key, dtype=dtype: base.get(key).to(dtype)
-        tensors.append(PlannedTensor(key, base.shape(key), dtype, producer))
+        tensors.append(PlannedTensor(out_key, base.shape(key), dtype, producer))
         match = decoder.match(key)
         if match:
             layer_keys[int(match.group(1))].append(key)
@@ -387,13 +396,15 @@ def convert(
     allow_pickle: bool = False,
     compare: bool = True,
     max_shard_bytes: int = 4 * 1024**3,
+    allow_nonfinite: bool = False,
 ) -> ConversionReport:
     """Upcycle the checkpoint `spec.base` into an MoE checkpoint at `output`, streaming shard by shard."""
     start = time.perf_counter()
     output = Path(output)
+    check_apart(output, spec.input_paths)
     if not overwrite and is_nonempty_dir(output):
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
-    plan = _Plan(spec, allow_pickle, dtype)
+    plan = _Plan(spec, allow_pickle, dtype, allow_nonfinite)
     report = ConversionReport(output, moe_layers=plan.layers)
     if compare:
         report.divergence, report.warnings = compare_non_expert(plan)

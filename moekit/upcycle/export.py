@@ -22,11 +22,13 @@ from moekit.config.record import MoeRecord
 from moekit.io.atomic import atomic_dir, is_nonempty_dir
 from moekit.io.files import copy_side_files
 from moekit.io.names import KeyNames
+from moekit.io.overlap import check_apart
 from moekit.io.progress import ConversionProgress
 from moekit.io.reader import CheckpointReader
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.load import read_record
 from moekit.modeling.meta_model import meta_model, read_config
+from moekit.upcycle.checks import check_config_matches
 from moekit.upcycle.twins import REFUSED, TWINS, Twin, expert_shapes, expert_tensors, sparsity_keys, twin_for
 
 DROP_KEYS = ("model_type", "architectures", "moekit", "transformers_version", "auto_map", "_name_or_path")
@@ -215,9 +217,12 @@ def export_native(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_bytes: int = 4 * 1024**3,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Write the stock-twin checkpoint of the moekit checkpoint `source` to `output` (atomically)."""
+    """Write the stock-twin checkpoint of the moekit checkpoint `source` to `output` (atomically); a tensor with
+    NaN/Inf stops it (naming the tensor and file) unless `allow_nonfinite`."""
     source, output = Path(source), Path(output)
+    check_apart(output, {"the source": source})
     if (source / "adapter_config.json").is_file() and not (source / "config.json").is_file():
         raise ExportError(f"{source} is a LoRA adapter, not a model: merge it first (a stage with `save: full`)")
     record = read_record(source)
@@ -226,8 +231,9 @@ def export_native(
     target = native_config(config, record, twin)
     if not overwrite and is_nonempty_dir(output):
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(source, allow_nonfinite=allow_nonfinite)
     ours = meta_model(config)
+    check_config_matches(ours, reader, config, source)
     stock = meta_model(target)
     adapter = ArchAdapter.from_record(record)
     names = KeyNames(ours)

@@ -162,6 +162,15 @@ class UpcycleSpec(StrictModel):
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
 
+    @property
+    def input_paths(self) -> dict[str, str]:
+        """The checkpoint folders this spec reads, by label (for `moekit.io.overlap.check_apart`)."""
+        paths = {"the base": self.base} if isinstance(self.base, str) else {}
+        for e in self.experts:
+            if isinstance(e.source, str) and e.source != "base":
+                paths[f"expert {e.name!r}"] = e.source
+        return paths
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> UpcycleSpec:
         """Read a spec from YAML, applying `--set key=value` overrides first."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from moekit.arch import ArchAdapter, ffn_tensors, resolve_arch
 from moekit.config.record import MoeRecord
+from moekit.io.reader import check_finite
 from moekit.modeling.classes import moekit_classes
 from moekit.modeling.structure import build_blocks, new_context, place_blocks
 from moekit.moe import MoeBlock
@@ -48,8 +49,10 @@ def _resolve_sources(
     sources: Mapping[str, Any],
     layers: list[int],
     allow_pickle: bool,
+    allow_nonfinite: bool = False,
 ) -> list[ExpertSource | None]:
-    """One source per expert (None = copy of the base FFN), every shape checked against the base first."""
+    """One source per expert (None = copy of the base FFN), every shape checked against the base first, and every
+    FFN tensor checked for NaN/Inf unless `allow_nonfinite`."""
     unknown = sorted(set(sources) - set(spec.expert_names))
     if unknown:
         raise ValueError(f"sources given for unknown experts {unknown}; the spec's experts are {spec.expert_names}")
@@ -67,14 +70,26 @@ def _resolve_sources(
             names = names or KeyNames(model)
             base = ModuleSource(model, adapter, "base")
             resolved.append(
-                checkpoint_source(expert.source, adapter, expert.name, names, base, expert.lora_scale, allow_pickle)
+                checkpoint_source(
+                    expert.source, adapter, expert.name, names, base, expert.lora_scale, allow_pickle, allow_nonfinite
+                )
             )
     for layer in layers:
         reference = ffn_tensors(adapter.ffn_module(model, layer), adapter.ffn)
+        if not allow_nonfinite:
+            _check_finite(reference, f"the base model, layer {layer} FFN ({adapter.ffn_prefix(layer)})")
         for source in resolved:
             if source is not None:
-                check_shapes(reference, source.tensors(layer), f"{source.description}, layer {layer}")
+                tensors = source.tensors(layer)
+                check_shapes(reference, tensors, f"{source.description}, layer {layer}")
+                if not allow_nonfinite:
+                    _check_finite(tensors, f"{source.description}, layer {layer} FFN")
     return resolved
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        check_finite(tensor, f"{where}: {name}", flag="allow_nonfinite=True")
 
 
 def _swap_classes(model: nn.Module, adapter: ArchAdapter, record: MoeRecord) -> None:
@@ -96,6 +111,7 @@ def upcycle(
     sources: Mapping[str, nn.Module | Mapping[str, torch.Tensor]] | None = None,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Turn the chosen decoder FFNs of `model` into MoE blocks, in place, and return the model.
 
@@ -107,6 +123,7 @@ def upcycle(
             named here use their spec `source` ("base" = copy of this model's FFN, or a checkpoint path).
         calibration: batches (model inputs) for `router.init == "prototype"`.
         allow_pickle: let checkpoint sources be `.bin`/`.pt` files (read with `weights_only=True`).
+        allow_nonfinite: copy FFN weights holding NaN/Inf instead of refusing them (ValueError naming the tensor).
 
     Every check (layers, shapes, sources, and that each MoE block with copied experts computes its dense FFN)
     runs before the model is modified; the model is either fully upcycled or untouched.
@@ -123,7 +140,7 @@ def upcycle(
             f"{adapter.model_type}: its FFN is inline in the layer, which moekit upcycles without a shared expert"
         )
     layers = resolve_layers(spec.layers, adapter.num_layers)
-    resolved = _resolve_sources(model, spec, adapter, sources or {}, layers, allow_pickle)
+    resolved = _resolve_sources(model, spec, adapter, sources or {}, layers, allow_pickle, allow_nonfinite)
     expert_inits, router_init = _plugin_initialisers(spec)
     first = ffn_tensors(adapter.ffn_module(model, layers[0]), adapter.ffn)
     for index, fn in enumerate(expert_inits):  # a dry run on one layer: a broken initialiser fails before any change
