@@ -7,12 +7,17 @@ from sizes alone (image headers, a video's frame count and size from its contain
 poses), the arithmetic of `moekit.data.qwen_vision`, so no video is decoded; other families run their processor
 on the decoded image. A sample over `max_length` whose media or every answer would be cut fails (as it would in
 training); one whose text is only shortened is listed as truncated.
+
+`check_records` is the one implementation: `moekit data check` runs it on a whole file, `moekit validate --data`
+(`moekit.pipeline.preflight`) on a seeded random sample of each stage's datasets.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +25,16 @@ import numpy as np
 from PIL import Image
 
 from moekit.data.chat import assemble
-from moekit.data.config import FramesSpec
+from moekit.data.config import DataConfig, FramesSpec
 from moekit.data.frames import VIDEO_SUFFIXES, list_frames, load_image, require_av
 from moekit.data.media import resolve
 from moekit.data.preprocess import Preprocessor, _truncate
 from moekit.data.qwen_vision import smart_resize, video_size
 from moekit.data.scene import _views, read_matrix
-from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, BadSample, Sample, parse_sample, read_records
+from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, BadSample, Record, Sample, parse_sample, read_records
 from moekit.data.vision import QwenVision
 
-DEFAULT_MAX_LENGTH = 2048  # DataConfig's default
+DEFAULT_MAX_LENGTH: int = DataConfig.model_fields["max_length"].default
 
 
 @dataclass
@@ -44,6 +49,9 @@ class CheckReport:
     truncated: list[str] = field(default_factory=list)  # over max_length, text cut (a warning)
     tokens: list[int] = field(default_factory=list)  # per counted sample
     max_length: int | None = None
+    checked: int = 0  # well-formed samples whose media (and tokens) were checked
+    rejected: int = 0  # of those, samples that would fail (missing or unusable media, over the budget)
+    sampled: bool = False  # `checked` is a random sample of them, not all
 
     @property
     def failed(self) -> bool:
@@ -53,6 +61,9 @@ class CheckReport:
         out = [f"{self.file}: {self.samples} sample(s)"]
         if self.modalities:
             out.append("  " + ", ".join(f"{k}: {v}" for k, v in sorted(self.modalities.items())))
+        if self.sampled:
+            good = sum(self.modalities.values())
+            out.append(f"  schema checked on all; media and tokens on {self.checked} of {good} (random sample)")
         if self.tokens:
             mean = sum(self.tokens) / len(self.tokens)
             out.append(f"  tokens per sample: max {max(self.tokens)}, mean {mean:.0f} (max_length {self.max_length})")
@@ -108,32 +119,46 @@ def clip_shape(kind: str, path: Path, spec: FramesSpec) -> tuple[int, tuple[int,
     return min(total, spec.max_frames), size
 
 
-class TokenCounter:
-    """Token ids of a sample as `Preprocessor.encode` builds them, with the visual tokens counted from sizes."""
+def image_ids(vision: QwenVision, path: Path) -> list[int]:
+    """The token ids of an image for a Qwen-VL model, counted from its header."""
+    px = vision.pixels
+    width, height = _header_size(path)
+    h, w = smart_resize(height, width, px.factor, px.min_pixels, px.max_pixels)
+    return vision._wrap(vision.image_id, (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2)
 
-    def __init__(self, preprocessor: Preprocessor, spec: FramesSpec):
-        self.pre, self.spec = preprocessor, spec
+
+def clip_ids(vision: QwenVision, kind: str, path: Path, spec: FramesSpec) -> list[int]:
+    """The token ids of a video or scene for a Qwen-VL model, counted from headers (nothing is decoded)."""
+    px = vision.pixels
+    frames, (width, height) = clip_shape(kind, path, spec)
+    width, height = fitted_size(width, height, spec)
+    h, w = video_size(height, width, px)
+    grid_t = math.ceil(frames / px.temporal_patch_size)
+    merged = grid_t * (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2
+    return vision._wrap(vision.video_id, merged, grid_t if vision.family == "qwen3_vl" else 1)
+
+
+class TokenCounter:
+    """Token ids of a sample as `Preprocessor.encode` builds them, with the visual tokens counted from sizes.
+
+    `synergy_tokens`: the K tokens training puts after the last image of a paired sample (`data.synergy_tokens`);
+    they are counted as K text tokens, since the tokenizer gets them only when the stage's synergy head is built.
+    """
+
+    def __init__(self, preprocessor: Preprocessor, spec: FramesSpec, synergy_tokens: int = 0):
+        self.pre, self.spec, self.synergy_tokens = preprocessor, spec, synergy_tokens
 
     def image_ids(self, path: Path) -> list[int]:
         vision = self.pre.vision
         if not isinstance(vision, QwenVision):
             return vision.image(load_image(path)).ids
-        px = vision.pixels
-        width, height = _header_size(path)
-        h, w = smart_resize(height, width, px.factor, px.min_pixels, px.max_pixels)
-        return vision._wrap(vision.image_id, (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2)
+        return image_ids(vision, path)
 
     def clip_ids(self, kind: str, path: Path) -> list[int]:
         vision = self.pre.vision
         if not vision.supports_video or not isinstance(vision, QwenVision):
             raise ValueError(f"the model ({self.pre.family}) takes no video input")
-        px = vision.pixels
-        frames, (width, height) = clip_shape(kind, path, self.spec)
-        width, height = fitted_size(width, height, self.spec)
-        h, w = video_size(height, width, px)
-        grid_t = math.ceil(frames / px.temporal_patch_size)
-        merged = grid_t * (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2
-        return vision._wrap(vision.video_id, merged, grid_t if vision.family == "qwen3_vl" else 1)
+        return clip_ids(vision, kind, path, self.spec)
 
     def ids_and_labels(self, sample: Sample, root: Path) -> tuple[list[int], list[int]]:
         segments: dict[str, list[list[int]]] = {IMAGE_TAG: [], VIDEO_TAG: []}
@@ -141,6 +166,8 @@ class TokenCounter:
             raise ValueError(f"the model ({self.pre.family}) is text-only but the sample has media")
         for value in sample.image_paths:
             segments[IMAGE_TAG].append(self.image_ids(resolve(root, value)))
+        if sample.paired is not None and self.synergy_tokens and segments[IMAGE_TAG]:
+            segments[IMAGE_TAG][-1] = segments[IMAGE_TAG][-1] + [self.pre.pad_id] * self.synergy_tokens
         if sample.clip is not None:
             kind, value = sample.clip
             segments[VIDEO_TAG].append(self.clip_ids(kind, resolve(root, value)))
@@ -155,6 +182,71 @@ def media_paths(sample: Sample) -> list[str]:
     return paths
 
 
+def _check_sample(
+    report: CheckReport, record: Record, sample: Sample, root: Path, counter: TokenCounter | None
+) -> None:
+    """Media on disk, then (with a counter) the token budget, of one well-formed sample."""
+    report.checked += 1
+    missing = [resolve(root, p) for p in media_paths(sample) if not resolve(root, p).exists()]
+    report.missing += [f"{record.where}: {p} not found" for p in missing]
+    report.rejected += bool(missing)
+    if counter is None or missing:
+        return
+    try:
+        ids, labels = counter.ids_and_labels(sample, root)
+    except (OSError, ValueError) as exc:
+        report.unusable.append(f"{record.where}: {exc}")
+        report.rejected += 1
+        return
+    report.tokens.append(len(ids))
+    try:
+        _truncate(ids, labels, report.max_length, counter.pre.vision)
+    except ValueError as exc:
+        report.over_budget.append(f"{record.where}: {exc}")
+        report.rejected += 1
+        return
+    if len(ids) > report.max_length:
+        report.truncated.append(f"{record.where}: {len(ids)} tokens, text cut to {report.max_length}")
+
+
+def check_records(
+    file: str | Path,
+    records: Iterable[Record],
+    root: str | Path,
+    counter: TokenCounter | None = None,
+    max_length: int | None = None,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+) -> CheckReport:
+    """Schema and modality of every record; media and (with `counter`) tokens of every well-formed sample, or of
+    `sample` of them drawn at random (seeded, one pass: reservoir sampling), checked in file order."""
+    root = Path(root)
+    report = CheckReport(file=Path(file), max_length=(max_length or DEFAULT_MAX_LENGTH) if counter else None)
+    report.sampled = sample is not None
+    rng, kept, good = random.Random(seed), [], 0
+    for record in records:
+        report.samples += 1
+        try:
+            parsed = parse_sample(record)
+        except BadSample as exc:
+            report.bad.append(str(exc))
+            continue
+        report.modalities[parsed.modality] += 1
+        if sample is None:
+            _check_sample(report, record, parsed, root, counter)
+            continue
+        good += 1
+        if len(kept) < sample:
+            kept.append((record, parsed))
+        elif (j := rng.randrange(good)) < sample:
+            kept[j] = (record, parsed)
+    for record, parsed in sorted(kept, key=lambda pair: pair[0].index):
+        _check_sample(report, record, parsed, root, counter)
+    report.sampled = report.sampled and report.checked < good
+    return report
+
+
 def check_file(
     path: str | Path,
     model: str | Path | None = None,
@@ -166,32 +258,5 @@ def check_file(
     """Check a dataset file (JSON list or JSONL of samples); `model` adds the per-sample token budget."""
     path = Path(path)
     root = Path(media_root) if media_root is not None else path.parent
-    spec = frames or FramesSpec()
-    report = CheckReport(file=path, max_length=(max_length or DEFAULT_MAX_LENGTH) if model is not None else None)
-    counter = TokenCounter(Preprocessor.from_dir(model), spec) if model is not None else None
-    for record in read_records(path):
-        report.samples += 1
-        try:
-            sample = parse_sample(record)
-        except BadSample as exc:
-            report.bad.append(str(exc))
-            continue
-        report.modalities[sample.modality] += 1
-        missing = [resolve(root, p) for p in media_paths(sample) if not resolve(root, p).exists()]
-        report.missing += [f"{record.where}: {p} not found" for p in missing]
-        if counter is None or missing:
-            continue
-        try:
-            ids, labels = counter.ids_and_labels(sample, root)
-        except (OSError, ValueError) as exc:
-            report.unusable.append(f"{record.where}: {exc}")
-            continue
-        report.tokens.append(len(ids))
-        try:
-            _truncate(ids, labels, report.max_length, counter.pre.vision)
-        except ValueError as exc:
-            report.over_budget.append(f"{record.where}: {exc}")
-            continue
-        if len(ids) > report.max_length:
-            report.truncated.append(f"{record.where}: {len(ids)} tokens, text cut to {report.max_length}")
-    return report
+    counter = TokenCounter(Preprocessor.from_dir(model), frames or FramesSpec()) if model is not None else None
+    return check_records(path, read_records(path), root, counter, max_length)
