@@ -33,6 +33,7 @@ _VOCAB_MAP = {"<image>": 450, "<|extra_200|>": 451, "<|image start|>": 452, "<|i
 FIXES: dict[str, dict[str, Any]] = {
     "chameleon": {"vocabulary_map": _VOCAB_MAP},
     "emu3": {"vocabulary_map": _VOCAB_MAP},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
 }
 
 
@@ -82,20 +83,30 @@ def _shrink(config: Any, path: str, ids: dict[int, int]) -> None:
     if isinstance(getattr(config, "rotary_dim", None), int):
         _set(config, "rotary_dim", head_dim)
     # Multi-head latent attention (DeepSeek-style): small ranks and rope / nope / value head sizes.
-    mla = {"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": head_dim, "kv_lora_rank": 16}
     if isinstance(getattr(config, "qk_rope_head_dim", None), int):
+        rope_dim = 8 if config.qk_rope_head_dim > 0 else 0  # a NoPE family (GLM-5's DSA layers) stays NoPE
+        mla = {"qk_rope_head_dim": rope_dim, "qk_nope_head_dim": 8, "v_head_dim": head_dim, "kv_lora_rank": 16}
         for key, value in mla.items():
             _set(config, key, value)
-        _set(config, "qk_head_dim", 16)
-        _set(config, "head_dim", 8)  # RoPE acts on the rope part of each head
+        _set(config, "qk_head_dim", 8 + rope_dim)
+        _set(config, "head_dim", rope_dim or 8)  # RoPE acts on the rope part of each head
         if isinstance(getattr(config, "q_lora_rank", None), int):
             _set(config, "q_lora_rank", 16)
     layers = sizes["num_hidden_layers"]
     for key, value in list(vars(config).items()):
         if isinstance(value, list) and key.endswith(("layer_types", "_layers_block_type", "block_types")):
-            _set(config, key, (value * layers)[:layers] if value else value)
+            # the first layers; for attention kinds with no full attention among them, the last is the original's
+            # last (a hybrid needs at least one full-attention layer). FFN kinds stay a prefix (dense stays dense)
+            cut = (value * layers)[:layers]
+            if key == "layer_types" and "full_attention" in value and "full_attention" not in cut:
+                cut = value[: layers - 1] + value[-1:]
+            _set(config, key, cut)
         elif key in ("mlp_only_layers", "full_attn_idxs", "fullatt_block_indexes", "deepstack_visual_indexes"):
             _set(config, key, [i for i in value if i < layers] if isinstance(value, list) else value)
+        elif key in ("vision_feature_layer", "vision_feature_layers") and isinstance(value, list):
+            _set(config, key, [-1])  # the shrunk vision tower has one layer
+        elif key == "out_hidden_size" and isinstance(value, int) and _is_vision(path):
+            _set(config, key, TEXT["hidden_size"])  # a vision tower's output feeds the language model
     if isinstance(getattr(config, "vocab_size", None), int):
         _set(config, "vocab_size", VOCAB)
     if isinstance(getattr(config, "max_position_embeddings", None), int):
@@ -117,13 +128,33 @@ def _shrink(config: Any, path: str, ids: dict[int, int]) -> None:
             _shrink(value, f"{path}.{key}", ids)
 
 
+def _rederive(data: dict[str, Any], head_dim: int) -> None:
+    """Keys a config derives from others at init, dropped (or given their source) so that they are derived again
+    for the shrunk sizes: Gemma 4's per-layer overrides (from `layer_types` and `global_head_dim`), GPT-Neo's
+    `attention_layers` (from `attention_types`)."""
+    if "per_layer_config" in data:
+        data.pop("per_layer_config")
+        data["global_head_dim"] = 2 * head_dim
+    if "attention_types" in data:
+        data.pop("attention_layers", None)  # GPT-Neo expands attention_types into it
+    for value in data.values():
+        if isinstance(value, dict):
+            _rederive(value, head_dim)
+
+
 def tiny_config_any(model_type: str) -> PreTrainedConfig:
-    """The default config of `model_type`, shrunk everywhere (see the module docstring)."""
+    """The default config of `model_type`, shrunk everywhere (see the module docstring), and read back from its
+    dict: what a saved checkpoint's config.json gives, so that the tiny model is the one its config describes."""
     config = copy.deepcopy(CONFIG_MAPPING[model_type]())
     _shrink(config, model_type, {})
     for key, value in FIXES.get(model_type, {}).items():
         _set(config, key, value)
-    return config
+    data = config.to_dict()
+    _rederive(data, TEXT["hidden_size"] // TEXT["num_attention_heads"])
+    try:
+        return type(config).from_dict(data)
+    except Exception:  # noqa: BLE001 (any validation error): a few MoE families fail it; the in-memory config still
+        return config  # builds a model that tells what it is (already MoE); its checkpoint would not reload
 
 
 def model_class_any(model_type: str) -> type:

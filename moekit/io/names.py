@@ -26,19 +26,31 @@ class KeyNames:
         self._probe = _Probe(model, conversions) if conversions else None
         self._saved = cache(self._revert)
 
-    def _revert(self, key: str) -> str:
+    def _revert(self, key: str) -> tuple[str, ...]:
         if self._probe is None:
-            return key
-        out = revert_weight_conversion(self._probe, {key: torch.empty(0, device="meta")})
-        return next(iter(out)) if len(out) == 1 else key
+            return (key,)
+        try:  # conversions that split or index a tensor need its real shape (MoE experts stacked on dim 0..2)
+            shape = tuple(self.model.get_parameter(key).shape)
+        except (AttributeError, TypeError):
+            shape = (0,)
+        try:
+            out = revert_weight_conversion(self._probe, {key: torch.empty(shape, device="meta")})
+        except (IndexError, RuntimeError, ValueError):  # a conversion this key's shape does not fit: not its own
+            return (key,)
+        return tuple(out) or (key,)
 
     def saved(self, key: str) -> str:
-        """The name `save_pretrained` writes for the module-path `key`."""
+        """The name `save_pretrained` writes for the module-path `key` (itself when saving splits it in parts)."""
+        names = self._saved(key)
+        return names[0] if len(names) == 1 else key
+
+    def parts(self, key: str) -> tuple[str, ...]:
+        """Every name saving writes for `key`: one, or several when a conversion splits it."""
         return self._saved(key)
 
     def candidates(self, key: str) -> list[str]:
-        saved = self.saved(key)
-        return [saved] if saved == key else [saved, key]
+        """Names to look for: the saved name (or the parts a split writes, e.g. q/k/v convolutions), then `key`."""
+        return [n for n in self._saved(key) if n != key] + [key]
 
     def find(self, key: str, available) -> str | None:
         """The name under which `available` (a set/reader) holds module-path `key`, or None."""
