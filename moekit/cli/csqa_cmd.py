@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from moekit.cli.data_args import key_values
 from moekit.cli.errors import CommandGroup
 
 app = typer.Typer(
@@ -13,16 +14,6 @@ app = typer.Typer(
     no_args_is_help=True,
     cls=CommandGroup,
 )
-
-
-def _options(values: list[str]) -> dict[str, str]:
-    out = {}
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {value!r}: expected KEY=VALUE")
-        out[key.replace("-", "_")] = val
-    return out
 
 
 @app.command("build")
@@ -47,7 +38,7 @@ def build(
     from moekit.config import parse_config
     from moekit.csqa.build import BuildSpec, build_csqa
 
-    options = _options(option)
+    options = key_values(option)
     if graphs is not None:
         options["graphs"] = str(graphs)
     values = {

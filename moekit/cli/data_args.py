@@ -1,4 +1,4 @@
-"""`--data` arguments shared by data-reading commands: dataset files or a YAML holding a DataConfig."""
+"""Arguments shared by commands: `--data` (dataset files or a YAML holding a DataConfig), `--option KEY=VALUE`."""
 
 from __future__ import annotations
 
@@ -28,3 +28,14 @@ def data_config(
         for n, f in zip(names, files)
     ]
     return parse_config(DataConfig, {"datasets": datasets, "bad_samples": bad_samples, "mixing": "concat"}), None
+
+
+def key_values(values: list[str], flag: str = "--option") -> dict[str, str]:
+    """`KEY=VALUE` options (repeatable flags) as a dict; dashes in keys become underscores."""
+    out = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {value!r}: expected KEY=VALUE")
+        out[key.replace("-", "_")] = val
+    return out

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from moekit.cli.data_args import key_values
 from moekit.cli.errors import CommandGroup
 
 app = typer.Typer(
@@ -13,16 +14,6 @@ app = typer.Typer(
     no_args_is_help=True,
     cls=CommandGroup,
 )
-
-
-def _options(values: list[str]) -> dict[str, str]:
-    out = {}
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {value!r}: expected KEY=VALUE")
-        out[key.replace("-", "_")] = val
-    return out
 
 
 @app.command("convert")
@@ -39,7 +30,7 @@ def convert(
     from moekit.data.convert import convert_dataset
 
     summary = convert_dataset(
-        fmt, src, out, _options(option), resume=not no_resume, overwrite=overwrite, progress=not quiet
+        fmt, src, out, key_values(option), resume=not no_resume, overwrite=overwrite, progress=not quiet
     )
     for line in summary.lines():
         typer.echo(line)

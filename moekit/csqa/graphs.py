@@ -17,18 +17,11 @@ import pydantic
 from pydantic import Field
 
 from moekit.config import StrictModel
+from moekit.data.convert.sink import LayoutError  # one error for every released layout moekit reads
 
 Box = tuple[float, float, float, float]
 Source = Literal["pvsg", "action-genome", "3dssg"]
 M = TypeVar("M", bound=pydantic.BaseModel)
-
-
-class LayoutError(ValueError):
-    """A source file is not in the released layout; the message names the file, the record and what was expected."""
-
-    def __init__(self, file: str | Path, expected: str, record: str | None = None):
-        where = f"{file}" if record is None else f"{file} (record {record})"
-        super().__init__(f"{where}: {expected}")
 
 
 class Obj(StrictModel):
