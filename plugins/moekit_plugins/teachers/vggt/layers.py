@@ -42,7 +42,9 @@ class Rope2D(nn.Module):
 
     def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         dim = x.shape[-1]
-        inv_freq = self.base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+        # 1 / base^(2i/dim), in this order: base^(-2i/dim) rounds some frequencies one ulp away from VGGT's, which
+        # grows to ~7e-6 over the 24 layers (bench/parity_vggt.py); this form matches it bit for bit.
+        inv_freq = 1.0 / self.base ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
         angles = pos.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, N, dim/2]
         angles = torch.cat([angles, angles], dim=-1)
         first, second = x.float().chunk(2, dim=-1)
