@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
 
-.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve bench-generate bench-lmms clean
+.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve bench-generate bench-lmms bench-startup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-moe: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(BIN)/python bench/generate.py
+
+# `moekit --help`, every command's help and `import moekit` against `import torch` (fresh processes, ~3 min)
+bench-startup: $(STAMP)
+	$(BIN)/python bench/startup.py
 
 # lmms-eval (its own venv under bench/out/lmms) against `moekit eval` on an MMStar fixture
 bench-lmms: $(STAMP)

@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # tests ~20x slower (measured: a resume test 25 s with 2 threads, 1.2 s with 1).
 torch.set_num_threads(1)
 
-import moekit  # noqa: E402  (registers the moekit model classes)
+import moekit  # noqa: E402  (lets transformers find the moekit model types)
 from moekit.demo.bundle import write_tiny_vlm  # noqa: E402
 from moekit.demo.synth.writer import SynthSpec, write_synth  # noqa: E402
 from moekit.demo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402

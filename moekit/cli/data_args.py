@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moekit.data.config import DataConfig
+if TYPE_CHECKING:  # moekit.data imports torch; `--help` of the commands that use these must not
+    from moekit.data.config import DataConfig
 
 
 def data_config(
@@ -13,6 +15,7 @@ def data_config(
     """A DataConfig from `--data` values: JSON/JSONL files (one dataset each, named by file stem), or one YAML
     file with a `data:` section (or a bare DataConfig). Returns the config and the folder paths resolve from."""
     from moekit.config import load_yaml, parse_config
+    from moekit.data.config import DataConfig
 
     if not files:
         raise ValueError("give at least one --data FILE (JSON/JSONL dataset, or a YAML with a data: section)")

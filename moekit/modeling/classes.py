@@ -131,11 +131,18 @@ def _classes(base_model_type: str, model_class: str) -> tuple[type, type]:
     )
     # Saved keys follow the dense family's own naming (legacy renames included), so conversion and
     # streaming output agree with what the dense class writes.
-    conversions = get_checkpoint_conversion_mapping(base_model.__name__) or get_checkpoint_conversion_mapping(
-        base_model_type
-    )
-    if conversions is not None:
-        register_checkpoint_conversion_mapping(model_cls.__name__, conversions, overwrite=True)
+    # Registered under the kind of key transformers found them by. A class-name hit does not mark the model type
+    # as seen, so a family mapped by model type and re-registered by class name got its renames twice (once more
+    # for the inner model) and saved under doubled prefixes; by model type (the base one, which an in-memory
+    # upcycled model keeps, and moekit's) the root claims them. Registering marks the key as the user's, which
+    # is what lets transformers apply it to a class defined outside the library.
+    by_class = get_checkpoint_conversion_mapping(base_model.__name__)
+    by_type = None if by_class is not None else get_checkpoint_conversion_mapping(base_model_type)
+    if by_class is not None:
+        register_checkpoint_conversion_mapping(model_cls.__name__, by_class, overwrite=True)
+    elif by_type is not None:
+        for key in (base_model_type, config_cls.model_type):
+            register_checkpoint_conversion_mapping(key, by_type, overwrite=True)
     base_config = CONFIG_MAPPING[base_model_type]
     for kind, mapping in MAPPINGS.items():
         if mapping.get(base_config, None) is base_model:
@@ -151,30 +158,3 @@ def register_family(base_model_type: str) -> type:
         if dense is not None:
             moekit_classes(base_model_type, dense.__name__)
     return config_class(base_model_type)
-
-
-class _LazyMoekitTypes(dict):
-    """Stands in for transformers' registry of extra config types: a `moekit_<family>` type is known as soon as
-    `<family>` is, and its classes are made and registered the first time transformers asks for it. So
-    `Auto*.from_pretrained(dir)` works right after `import moekit` for every family, and importing moekit
-    registers nothing up front (which would import every family's modeling code)."""
-
-    def __contains__(self, key: object) -> bool:
-        if dict.__contains__(self, key):
-            return True
-        return isinstance(key, str) and key.startswith(PREFIX) and key.removeprefix(PREFIX) in CONFIG_MAPPING._mapping
-
-    def __getitem__(self, key: str) -> type:
-        if not dict.__contains__(self, key) and key in self:
-            register_family(key.removeprefix(PREFIX))
-        return dict.__getitem__(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default  # noqa: SIM401 (dict.get would skip the lazy lookup)
-
-
-def install_lazy_registration() -> None:
-    """Let transformers' AutoConfig resolve moekit model types on demand (idempotent)."""
-    extra = CONFIG_MAPPING._extra_content
-    if not isinstance(extra, _LazyMoekitTypes):
-        CONFIG_MAPPING._extra_content = _LazyMoekitTypes(extra)
