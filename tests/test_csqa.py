@@ -352,6 +352,7 @@ def make_3dssg(root: Path, frames: int = 6, sequence: bool = True) -> tuple[Path
             "m_depthHeight = 42",
             "m_depthShift = 1000",
             f"m_calibrationColorIntrinsic = {k}",
+            f"m_calibrationDepthIntrinsic = {k}",
             "m_calibrationColorExtrinsic = 1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1",
             f"m_frames.size = {frames}",
         ]

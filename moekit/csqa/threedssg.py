@@ -44,6 +44,7 @@ from moekit.csqa.graphs import (
     SourceRecord,
     check_record,
 )
+from moekit.data.convert.rscan import read_info as read_rscan_info
 from moekit.data.frames import uniform_indices
 
 STRUCTURE = {"wall", "floor", "ceiling"}
@@ -115,18 +116,10 @@ def _scans(file: Path, model: type, what: str) -> list:
 
 
 def read_info(file: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    """Colour intrinsics (3x3) and (width, height) from a 3RScan `_info.txt`."""
-    if not file.is_file():
-        raise LayoutError(file, "not found: unpack the scan's sequence.zip into sequence/")
-    fields = dict(line.split(" = ", 1) for line in file.read_text().splitlines() if " = " in line)
-    try:
-        k = np.array([float(v) for v in fields["m_calibrationColorIntrinsic"].split()]).reshape(4, 4)[:3, :3]
-        size = (int(fields["m_colorWidth"]), int(fields["m_colorHeight"]))
-    except (KeyError, ValueError) as exc:
-        raise LayoutError(
-            file, f"expected m_calibrationColorIntrinsic (16 numbers), m_colorWidth, m_colorHeight ({exc})"
-        ) from None
-    return k, size
+    """Colour intrinsics (3x3) and (width, height) from a 3RScan `_info.txt` (read by the 3rscan converter's
+    reader, the one place that knows the file)."""
+    info = read_rscan_info(file)
+    return info["m_calibrationColorIntrinsic"], (info["m_colorWidth"], info["m_colorHeight"])
 
 
 def _pose(file: Path) -> np.ndarray:

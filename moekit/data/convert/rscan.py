@@ -40,6 +40,7 @@ from moekit.data.convert.scene_out import (
     FileMode,
     View,
     kept_views,
+    key_values,
     place,
     read_json,
     read_record,
@@ -90,11 +91,7 @@ def read_info(path: Path) -> dict[str, Any]:
     """The fields of `_info.txt` moekit needs: sizes, 3x3 colour and depth K, depth units per metre."""
     if not path.is_file():
         raise LayoutError(path, "expected the sequence's camera calibration _info.txt")
-    raw = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep:
-            raw[key.strip()] = value.strip()
+    raw = key_values(path)
     out: dict[str, Any] = {}
     try:
         for key in INFO_KEYS:

@@ -39,6 +39,7 @@ from moekit.data.convert.scene_out import (
     intrinsic_files,
     is_scene_folder,
     kept_views,
+    key_values,
     place,
     read_matrix,
     scene_views,
@@ -89,12 +90,7 @@ def scene_meta(path: Path) -> dict[str, str]:
     """ScanNet's per-scene `<scene_id>.txt` ("key = value" lines: axisAlignment, sceneType, colorWidth, ...)."""
     if not path.is_file():
         raise LayoutError(path, "expected ScanNet's scene metadata file (scans/<scene_id>/<scene_id>.txt)")
-    out = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
+    return key_values(path)
 
 
 def axis_align_matrix(meta: dict[str, str], path: Path) -> np.ndarray | None:

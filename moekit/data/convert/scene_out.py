@@ -88,6 +88,17 @@ def intrinsic_files(folder: Path) -> tuple[Path | None, Path | None]:
     return color, depth
 
 
+def key_values(path: Path) -> dict[str, str]:
+    """The `key = value` lines of a calibration / metadata text file (ScanNet's `<scene>.txt`, 3RScan's
+    `_info.txt`); other lines are ignored."""
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
 def read_matrix(path: Path, shape: tuple[int, int] = (4, 4), record: str | None = None) -> np.ndarray:
     """A whitespace-separated matrix; `LayoutError` when unreadable or of another shape (3x3 accepted for 4x4 K)."""
     try:

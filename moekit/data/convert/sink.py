@@ -134,11 +134,6 @@ class Summary:
         return out
 
 
-def check_out_not_in_src(src: Path, out: Path) -> None:
-    """OUT may not be, contain or lie inside the source (symlinks resolved): nothing of the input is touched."""
-    check_apart(out, {"the source": src})
-
-
 def _read_partial(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a partial JSONL (a torn last line from a kill is cut off)."""
     if not path.exists():
@@ -175,7 +170,7 @@ def write_converted(
     `records(ctx)` yields the items. Refused before anything is written: OUT overlapping the
     source, a complete OUT without `overwrite`, a foreign non-empty OUT, a partial run of other settings.
     """
-    check_out_not_in_src(src, out)
+    check_apart(out, {"the source": src})  # OUT never is, holds or lies inside the source
     meta = {"format": fmt, "source": str(src.resolve()), "options": options}
     partial_meta = out / ".convert.partial.json"
     if (out / SUMMARY).exists() and not overwrite:
