@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from moekit_plugins.teachers.vggt.aggregator import Aggregator
-from moekit_plugins.teachers.vggt.checkpoint import HEADS, _select, check_state
+from moekit_plugins.teachers.vggt.checkpoint import HEADS, check_state, split_keys
 from moekit_plugins.teachers.vggt.config import VGGTArch
 
 REPOSITORY = "facebookresearch/vggt"
@@ -143,7 +143,7 @@ def to_moekit(state: dict, arch: VGGTArch, source: str) -> tuple[Aggregator, dic
     """moekit's aggregator holding the full-model tensors `state` (or meta tensors of the shapes it lists), through
     the loader's own key selection (`aggregator.*` kept, heads ignored, anything else refused) and strict check."""
     state = {k: v if isinstance(v, torch.Tensor) else torch.empty(v, device="meta") for k, v in state.items()}
-    chosen, other = _select(list(state), Path(source))
+    chosen, other = split_keys(list(state), Path(source))
     if other:
         raise ValueError(f"{source}: unexpected keys outside the aggregator and the VGGT heads: {sorted(other)[:12]}")
     with torch.device("meta"):

@@ -28,9 +28,9 @@ from moekit.data.chat import assemble
 from moekit.data.config import DataConfig, FramesSpec
 from moekit.data.frames import VIDEO_SUFFIXES, list_frames, load_image, require_av
 from moekit.data.media import resolve
-from moekit.data.preprocess import Preprocessor, _truncate
+from moekit.data.preprocess import Preprocessor, truncate_text
 from moekit.data.qwen_vision import smart_resize, video_size
-from moekit.data.scene import _views, read_matrix
+from moekit.data.scene import read_matrix, scene_layout
 from moekit.data.schema import IMAGE_TAG, VIDEO_TAG, BadSample, Record, Sample, parse_sample, read_records
 from moekit.data.vision import QwenVision
 
@@ -100,7 +100,7 @@ def _header_size(path: Path) -> tuple[int, int]:
 def clip_shape(kind: str, path: Path, spec: FramesSpec) -> tuple[int, tuple[int, int]]:
     """(frames used, (w, h) of the first frame) of a video or scene, read from headers only."""
     if kind == "scene":
-        colors, pose_dir, _ = _views(path)
+        colors, pose_dir, _ = scene_layout(path)
         total = sum(np.isfinite(read_matrix(pose_dir / f"{c.stem}.txt")).all() for c in colors)
         size = _header_size(colors[0])
     elif path.is_dir():
@@ -124,7 +124,7 @@ def image_ids(vision: QwenVision, path: Path) -> list[int]:
     px = vision.pixels
     width, height = _header_size(path)
     h, w = smart_resize(height, width, px.factor, px.min_pixels, px.max_pixels)
-    return vision._wrap(vision.image_id, (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2)
+    return vision.wrap_tokens(vision.image_id, (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2)
 
 
 def clip_ids(vision: QwenVision, kind: str, path: Path, spec: FramesSpec) -> list[int]:
@@ -135,7 +135,7 @@ def clip_ids(vision: QwenVision, kind: str, path: Path, spec: FramesSpec) -> lis
     h, w = video_size(height, width, px)
     grid_t = math.ceil(frames / px.temporal_patch_size)
     merged = grid_t * (h // px.patch_size) * (w // px.patch_size) // px.merge_size**2
-    return vision._wrap(vision.video_id, merged, grid_t if vision.family == "qwen3_vl" else 1)
+    return vision.wrap_tokens(vision.video_id, merged, grid_t if vision.family == "qwen3_vl" else 1)
 
 
 class TokenCounter:
@@ -200,7 +200,7 @@ def _check_sample(
         return
     report.tokens.append(len(ids))
     try:
-        _truncate(ids, labels, report.max_length, counter.pre.vision)
+        truncate_text(ids, labels, report.max_length, counter.pre.vision)
     except ValueError as exc:
         report.over_budget.append(f"{record.where}: {exc}")
         report.rejected += 1

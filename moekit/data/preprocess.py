@@ -95,7 +95,7 @@ class Preprocessor:
         roles = [t.role for t in sample.conversations]
         pieces: list[Piece] = self.formatter.pieces(roles, sample.human_texts())
         ids, labels = assemble(self.formatter, pieces, segments)
-        ids, labels = _truncate(ids, labels, max_length, self.vision)
+        ids, labels = truncate_text(ids, labels, max_length, self.vision)
         out = self._inputs(ids, labels, tensors)
         out["sample_ids"] = sample.id
         out["sample_modalities"] = sample.modality
@@ -162,7 +162,7 @@ def _add(into: dict[str, list[torch.Tensor]], tensors: dict[str, torch.Tensor]) 
         into.setdefault(key, []).append(value)
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int, vision: Vision | None) -> tuple[list, list]:
+def truncate_text(ids: list[int], labels: list[int], max_length: int, vision: Vision | None) -> tuple[list, list]:
     """Cut text past `max_length`; never cut inside the media (their token count must match the pixels)."""
     if len(ids) > max_length:
         media_ids = set()

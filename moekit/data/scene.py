@@ -86,7 +86,7 @@ def read_depth(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
         return (np.asarray(image).astype(np.float64) / DEPTH_SCALE).astype(np.float32)
 
 
-def _views(folder: Path) -> tuple[list[Path], Path, Path]:
+def scene_layout(folder: Path) -> tuple[list[Path], Path, Path]:
     """(colour views, pose folder, depth folder) of either scene layout (module docstring)."""
     if (folder / "color").is_dir():
         return list_frames(folder / "color"), folder / "pose", folder / "depth"
@@ -102,7 +102,7 @@ def read_scene(folder: Path, spec: FramesSpec) -> SceneFrames:
     """Load a scene folder, sampling at most `spec.max_frames` views (uniform or key frames)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"scene folder {folder} not found")
-    colors, pose_dir, depth_dir = _views(folder)
+    colors, pose_dir, depth_dir = scene_layout(folder)
     poses = [read_matrix(pose_dir / f"{c.stem}.txt") for c in colors]
     keep = [i for i, pose in enumerate(poses) if np.isfinite(pose).all()]
     if not keep:

@@ -54,7 +54,8 @@ class QwenVision:
         self.start_id = int(config.vision_start_token_id)
         self.end_id = int(config.vision_end_token_id)
 
-    def _wrap(self, token: int, count: int, chunks: int = 1) -> list[int]:
+    def wrap_tokens(self, token: int, count: int, chunks: int = 1) -> list[int]:
+        """`count` media tokens in `chunks` runs, each between the vision start and end tokens."""
         per = count // chunks
         return [self.start_id, *[token] * per, self.end_id] * chunks
 
@@ -62,7 +63,7 @@ class QwenVision:
         rows, grid = image_patches(image, self.pixels)
         merged = grid[0] * grid[1] * grid[2] // self.pixels.merge_size**2
         tensors = {"pixel_values": rows, "image_grid_thw": torch.tensor([grid])}
-        return Segment(self._wrap(self.image_id, merged), tensors)
+        return Segment(self.wrap_tokens(self.image_id, merged), tensors)
 
     def video(self, frames: list[Image.Image]) -> Segment:
         rows, grid = video_patches(frames, self.pixels)
@@ -73,7 +74,7 @@ class QwenVision:
         # Qwen3-VL wraps every temporal patch in its own start/end pair (moekit leaves out the timestamp text).
         chunks = grid[0] if self.family == "qwen3_vl" else 1
         height, width = video_size(frames[0].height, frames[0].width, self.pixels)
-        return Segment(self._wrap(self.video_id, merged, chunks), tensors, size=(width, height))
+        return Segment(self.wrap_tokens(self.video_id, merged, chunks), tensors, size=(width, height))
 
     def token_inputs(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         kinds = (ids == self.image_id).long() + 2 * (ids == self.video_id).long()

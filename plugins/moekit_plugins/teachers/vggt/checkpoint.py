@@ -27,7 +27,7 @@ def _names(keys: list[str]) -> str:
     return head + (f" ... and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 
-def _select(keys: list[str], file: Path) -> tuple[dict[str, str], list[str]]:
+def split_keys(keys: list[str], file: Path) -> tuple[dict[str, str], list[str]]:
     """{aggregator key: stored key} and the stored keys that belong to neither the aggregator nor a head."""
     if any(k.startswith(PREFIX) for k in keys):
         chosen = {k[len(PREFIX) :]: k for k in keys if k.startswith(PREFIX)}
@@ -57,7 +57,7 @@ def read_aggregator_state(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             with safe_open(file, framework="pt") as handle:
-                chosen, other = _select(list(handle.keys()), file)
+                chosen, other = split_keys(list(handle.keys()), file)
                 state = {name: handle.get_tensor(key) for name, key in chosen.items()} if not other else {}
         except SafetensorError as exc:
             raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
@@ -68,7 +68,7 @@ def read_aggregator_state(path: Path) -> dict[str, torch.Tensor]:
             data = next((data[w] for w in ("model", "state_dict") if isinstance(data.get(w), dict)), data)
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise ValueError(f"{file}: not a state dict of tensors")
-        chosen, other = _select(list(data), file)
+        chosen, other = split_keys(list(data), file)
         state = {name: data[key] for name, key in chosen.items()}
     if other:
         raise ValueError(f"{file}: unexpected keys outside the aggregator and the VGGT heads: {_names(sorted(other))}")
