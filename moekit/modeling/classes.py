@@ -47,6 +47,16 @@ class MoekitModelMixin:
             guard_pattern(record)
         }
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: the modules are transformers' own, only the class is defined here.
+
+        transformers takes any class defined outside it for custom code and then skips initialising a module whose
+        own parameters are all loaded, so non-persistent buffers computed in `_init_weights` (Falcon-H1's
+        `mup_vector`) stayed uninitialised after loading.
+        """
+        return cls.is_remote_code()
+
     def set_experts_implementation(self, experts_implementation: str | dict) -> None:
         """Choose how the routed experts run: `eager`, `grouped_mm`, `batched_mm` (transformers' kernels) or `auto`."""
         name = experts_implementation if isinstance(experts_implementation, str) else experts_implementation.get("")
