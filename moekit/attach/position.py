@@ -2,10 +2,11 @@
 checkpoint and attached again when it is loaded (training, evaluation and routing analysis all use this).
 
 moekit knows encoders only through the `moekit_position_encoders` hookspec. One that can join a stage is an
-`nn.Module` that `build(params, model=model)` returns already hooked into the model's visual tokens, with
-`remove()` and `feed_batch(geometry, video_samples)`: a context manager for one forward, where `geometry[i]` is
-the data layer's geometry entry of sample i (see moekit/data/media.py; None for a sample without one) and
-`video_samples` lists, in batch order, the samples whose video is in `pixel_values_videos`.
+`nn.Module` that `build(params, model=model)` returns already hooked into the model (its visual tokens, or its
+attention as `neo_native_rope` is), with `remove()` and `feed_batch(geometry, video_samples)`: a context manager
+for one forward, where `geometry[i]` is the data layer's geometry entry of sample i (see moekit/data/media.py;
+None for a sample without one) and `video_samples` lists, in batch order, the samples whose video is in
+`pixel_values_videos`.
 
 A checkpoint keeps its encoders as `moekit.json["position_encoders"]` (name and parameters of each) and, for
 encoders with weights, `position_encoders.safetensors` (keys `<name>.<parameter>`).
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moekit.config import ConfigError
 from moekit.config.provenance import ENCODERS_FILE, read_provenance
 from moekit.config.provenance import FILE as PROVENANCE_FILE
 
@@ -52,17 +54,28 @@ def build_encoders(refs: Sequence[dict[str, Any]], model: nn.Module, where: str)
         loc = f"{where}[{index}]"
         if name in encoders:
             raise ValueError(f"{loc}: position encoder {name!r} is listed twice")
-        encoder = registry().build("position_encoder", name, params, where=loc, model=model)
+        try:
+            encoder = registry().build("position_encoder", name, params, where=loc, model=model)
+        except ConfigError:
+            _remove(encoders)
+            raise
+        except ValueError as exc:  # e.g. a family the encoder cannot be wired into
+            _remove(encoders)
+            kind = type(exc) if type(exc).__init__ is ValueError.__init__ else ValueError
+            raise kind(f"{loc}: {exc}") from exc
         if not isinstance(encoder, nn.Module) or not callable(getattr(encoder, "feed_batch", None)):
-            for other in encoders.values():
-                other.remove()
+            _remove(encoders)
             raise TypeError(
-                f"{loc}: position encoder {name!r} does not add to a model's visual tokens (its component builds a "
-                f"{type(encoder).__name__} without feed_batch), so it cannot join a stage; index builders such as "
-                "neo_native_rope are used from Python"
+                f"{loc}: position encoder {name!r} does not join a model (its component builds a "
+                f"{type(encoder).__name__} without feed_batch), so it cannot join a stage; build it from Python"
             )
         encoders[name] = encoder.float()
     return encoders
+
+
+def _remove(encoders: Mapping[str, nn.Module]) -> None:
+    for encoder in encoders.values():
+        encoder.remove()
 
 
 def saved_refs(model_dir: str | Path) -> list[dict[str, Any]]:

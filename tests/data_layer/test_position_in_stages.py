@@ -168,8 +168,10 @@ def test_a_learned_encoder_trains_saves_and_is_inherited(tmp_path, bundle, synth
 
 
 def test_bad_encoders_are_refused(tmp_path, bundle, synth_dir):
-    rope = data_stage("rope", synth_dir, "stage1_1_3d.jsonl", "3d", position_encoders=[{"name": "neo_native_rope"}])
-    with pytest.raises(TypeError, match=r"stages\[0\]\.position_encoders\[0\]: position encoder 'neo_native_rope'"):
+    # neo_native_rope joins a stage (tests/test_neo_rope_model.py), but not with a T group the model lacks
+    bad = {"name": "neo_native_rope", "params": {"head_dim_t": 128}}
+    rope = data_stage("rope", synth_dir, "stage1_1_3d.jsonl", "3d", position_encoders=[bad])
+    with pytest.raises(ValueError, match=r"stages\[0\]\.position_encoders\[0\]: neo_native_rope: head_dim_t=128"):
         run(write_recipe(tmp_path, bundle, [rope], out="rope"))
     unknown = data_stage("x", synth_dir, "stage1_1_3d.jsonl", "3d", position_encoders=[{"name": "polyv3d"}])
     with pytest.raises(ValueError, match=r"stages\[0\]\.position_encoders\[0\].*polyv_3d"):

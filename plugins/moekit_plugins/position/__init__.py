@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from moekit import Component, hookimpl
 from moekit_plugins.position.geometry import CameraGeometry, GeometryError, back_project, world_coords
+from moekit_plugins.position.neo_attention import NeoNativeRope
 from moekit_plugins.position.neo_rope import NativeRope, NativeRopeParams
 from moekit_plugins.position.polyv3d import PolyV3DEncoder, PolyV3DParams
 from moekit_plugins.position.temporal import TemporalFrameEncoder, TemporalParams
@@ -14,6 +15,7 @@ __all__ = [
     "CameraGeometry",
     "GeometryError",
     "NativeRope",
+    "NeoNativeRope",
     "PolyV3DEncoder",
     "TemporalFrameEncoder",
     "VidLLMPatchEncoder",
@@ -43,8 +45,9 @@ def moekit_position_encoders() -> list[Component]:
             "neo_native_rope",
             "position_encoder",
             NativeRopeParams,
-            lambda params, **_: NativeRope(params),
-            "NEO-ov: (t, h, w) RoPE indices, T/H/W channel groups, mixed bidirectional/causal mask",
+            _neo_native_rope,
+            "NEO-ov: (t, h, w) RoPE with new H/W query/key channels and the mixed mask (Qwen2.5-VL); "
+            "without a model, the index builder",
         ),
         Component(
             "vidllm_3d_patch",
@@ -54,3 +57,8 @@ def moekit_position_encoders() -> list[Component]:
             "Vid-LLM: MLP of each visual token's back-projected point added to the token",
         ),
     ]
+
+
+def _neo_native_rope(params: NativeRopeParams, model=None, **_) -> NativeRope | NeoNativeRope:
+    """In a stage (`model=`): wired into the model's attention; from Python without one: the index builder."""
+    return NativeRope(params) if model is None else NeoNativeRope(params, model)

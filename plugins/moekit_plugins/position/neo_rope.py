@@ -14,18 +14,22 @@ from moekit.config import StrictModel
 
 
 class NativeRopeParams(StrictModel):
-    """Channel groups of the head: T keeps the LLM's own head dim; H and W are the extra spatial dims."""
+    """Channel groups of the head: T keeps the LLM's own head dim and RoPE base; H and W are extra spatial
+    channels (in a model: new query/key projections, see `neo_attention`)."""
 
-    head_dim_t: int = Field(128, ge=2, description="channels rotated by the temporal index t (the LLM head dim)")
+    head_dim_t: int | None = Field(
+        None, ge=2, description="channels rotated by t; None: the model's head dim (128 without a model)"
+    )
     head_dim_h: int = Field(64, ge=2, description="channels rotated by the row index h")
     head_dim_w: int = Field(64, ge=2, description="channels rotated by the column index w")
-    theta_t: float = Field(1e6, gt=1.0)
+    theta_t: float | None = Field(None, gt=1.0, description="None: the model's rope_theta (1e6 without a model)")
     theta_h: float = Field(1e4, gt=1.0)
     theta_w: float = Field(1e4, gt=1.0)
+    init_std: float = Field(0.02, gt=0.0, description="in a model: std of the new H/W query projections")
 
     @model_validator(mode="after")
     def _even(self) -> NativeRopeParams:
-        odd = [n for n in ("head_dim_t", "head_dim_h", "head_dim_w") if getattr(self, n) % 2]
+        odd = [n for n in ("head_dim_t", "head_dim_h", "head_dim_w") if (getattr(self, n) or 0) % 2]
         if odd:
             raise ValueError(f"{', '.join(odd)} must be even (RoPE rotates channel pairs)")
         return self
@@ -35,9 +39,10 @@ class NativeRope:
     """Index builder, rotary tables and mixed mask of NEO-ov (eq. 4 and 7)."""
 
     def __init__(self, params: NativeRopeParams):
-        self.params = params
-        p = params
-        self.groups = ((p.head_dim_t, p.theta_t), (p.head_dim_h, p.theta_h), (p.head_dim_w, p.theta_w))
+        self.params = p = params
+        head_dim_t = 128 if p.head_dim_t is None else p.head_dim_t
+        theta_t = 1e6 if p.theta_t is None else p.theta_t
+        self.groups = ((head_dim_t, theta_t), (p.head_dim_h, p.theta_h), (p.head_dim_w, p.theta_w))
 
     @property
     def head_dim(self) -> int:
@@ -90,24 +95,29 @@ class NativeRope:
                 if height * width != count:
                     raise ValueError(f"sample {b}: visual unit {unit} has {count} tokens, its grid {height}x{width}")
 
-    def cos_sin(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, index: torch.Tensor, groups: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """[3, B, L] indices -> cos, sin [B, L, head_dim]: group g holds `cat(f, f)` of its own frequencies
-        `theta_g^(-2k/d_g)` times its own index (the rotate-half layout transformers uses)."""
+        `theta_g^(-2k/d_g)` times its own index (the rotate-half layout transformers uses). `groups=slice(1, 3)`
+        gives the H and W tables only."""
         parts = []
-        for (dim, theta), position in zip(self.groups, index):
+        for (dim, theta), position in zip(self.groups[groups], index[groups]):
             inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=position.device) / dim)
             freqs = position.double()[..., None] * inv
             parts.append(torch.cat([freqs, freqs], dim=-1))
         angles = torch.cat(parts, dim=-1)
         return angles.cos().float(), angles.sin().float()
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: slice = slice(None)
+    ) -> torch.Tensor:
         """Rotate queries or keys [B, heads, L, head_dim] group by group (q = [q^T; q^H; q^W], eq. 2)."""
-        if x.shape[-1] != self.head_dim:
-            raise ValueError(f"head dim {x.shape[-1]} != T+H+W channel groups {self.head_dim}")
+        dims = [d for d, _ in self.groups[groups]]
+        if x.shape[-1] != sum(dims):
+            names = "+".join("THW"[groups])
+            raise ValueError(f"head dim {x.shape[-1]} != {names} channel groups {sum(dims)}")
         cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
         out, offset = [], 0
-        for dim, _ in self.groups:
+        for dim in dims:
             part = x[..., offset : offset + dim]
             half = torch.cat([-part[..., dim // 2 :], part[..., : dim // 2]], dim=-1)
             out.append(part * cos[..., offset : offset + dim] + half * sin[..., offset : offset + dim])

@@ -1,0 +1,266 @@
+"""NEO-ov native RoPE inside a Qwen2.5-VL model (the `neo_native_rope` position encoder of a stage).
+
+NEO-ov keeps the LLM's head as the T channels and adds H and W channels to every query and key (eq. 2-3), so
+the encoder owns, per decoder layer, two new projections `q_hw` and `k_hw` (hidden -> heads x (d_H + d_W)).
+Keys start at zero, so every score, and the model's output on text, is the pretrained model's until they train
+(queries start random: with both at zero neither would get a gradient).
+
+Per forward (a pre-hook on the `Qwen2_5_VLModel`): the visual units are found from the image/video tokens and
+`image_grid_thw` / `video_grid_thw` (one unit per image, one per temporal patch of a video); the model's own
+3-row position ids become (t, t, t), so its rotary turns into a 1-D RoPE of t over the whole head (T group); the
+(h, w) tables and the eq. 7 mask are kept for the attention function. That function is registered with
+transformers' `AttentionInterface` and set as the text config's implementation: it adds the rotated H/W
+channels to the query and key (the module passes it only the rotated T channels; a pre-hook on each attention
+module hands it the layer's hidden states) and calls the model's original sdpa or eager attention with the mixed
+mask, at the model's own scaling 1/sqrt(d_T).
+
+A KV cache keeps only the T channels, so cached decoding is refused; inside `feed_batch` (moekit's evaluation
+and generation) `generation_config.use_cache` is off, so `generate` recomputes the whole sequence each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from moekit.arch import ArchError
+from moekit_plugins.position.neo_rope import NativeRope, NativeRopeParams
+
+IMPLEMENTATION = "moekit_neo_native_rope"
+FAMILIES = ("qwen2_5_vl",)
+INNER = ("sdpa", "eager")
+SPATIAL = slice(1, 3)
+GRID = "_moekit_grid_thw"
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[NeoNativeRope, int]] = weakref.WeakKeyDictionary()
+
+
+def neo_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+    """The attention function transformers calls for a model with `neo_native_rope` attached."""
+    owner = _OWNERS.get(module)
+    if owner is None:
+        raise RuntimeError(
+            f"{type(module).__name__} runs the {IMPLEMENTATION} attention but no neo_native_rope encoder is attached "
+            "to it (was the encoder removed without restoring the attention implementation?)"
+        )
+    encoder, layer = owner
+    return encoder.attend(layer, module, query, key, value, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION, neo_attention)
+
+
+def visual_units(
+    input_ids: torch.Tensor,
+    token_ids: dict[str, int | None],
+    grids_thw: dict[str, torch.Tensor | None],
+    merge: int,
+) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+    """Visual unit of every token ([B, L], 0 for text, 1.. in sequence order) and each unit's merged (H, W) grid:
+    an image is one unit, each temporal patch of a video another. Grids are consumed in batch order, as the
+    model consumes them."""
+    batch = input_ids.shape[0]
+    found: list[list[tuple[int, list[int], tuple[int, int]]]] = [[] for _ in range(batch)]
+    for kind in ("image", "video"):
+        token, thw = token_ids[kind], grids_thw[kind]
+        grids = [] if thw is None else [tuple(int(v) for v in g) for g in thw.tolist()]
+        used = 0
+        for b in range(batch):
+            positions = [] if token is None else (input_ids[b] == token).nonzero().flatten().tolist()
+            taken = 0
+            while taken < len(positions):
+                if used == len(grids):
+                    raise ValueError(
+                        f"sample {b} has {len(positions) - taken} more {kind} tokens than {kind}_grid_thw covers "
+                        f"({len(grids)} {kind}(s))"
+                    )
+                frames, height, width = grids[used]
+                used += 1
+                size = (height // merge) * (width // merge)
+                for _ in range(frames):
+                    chunk = positions[taken : taken + size]
+                    found[b].append((chunk[0], chunk, (height // merge, width // merge)))
+                    taken += size
+        if used != len(grids):
+            raise ValueError(f"{kind}_grid_thw lists {len(grids)} {kind}(s), the input_ids hold tokens of {used}")
+    units = torch.zeros_like(input_ids, dtype=torch.long)
+    out: list[list[tuple[int, int]]] = []
+    for b, items in enumerate(found):
+        items.sort(key=lambda item: item[0])
+        for unit, (_, chunk, _) in enumerate(items, start=1):
+            units[b, chunk] = unit
+        out.append([grid for _, _, grid in items])
+    return units, out
+
+
+class NeoNativeRope(nn.Module):
+    """NEO-ov's native RoPE and mixed mask in a Qwen2.5-VL model, with the new H/W query/key projections."""
+
+    def __init__(self, params: NativeRopeParams, model: nn.Module):
+        super().__init__()
+        inner, text = _host(model)
+        head_dim = text.hidden_size // text.num_attention_heads
+        theta = float(text.rope_parameters["rope_theta"])
+        for name, wanted, given in (("head_dim_t", head_dim, params.head_dim_t), ("theta_t", theta, params.theta_t)):
+            if given is not None and given != wanted:
+                raise ValueError(
+                    f"neo_native_rope: {name}={given} but the model's is {wanted}; the T group is the LLM's own "
+                    f"RoPE (NEO-ov keeps it), so leave {name} unset or set it to {wanted}"
+                )
+        self.params = params
+        self.rope = NativeRope(params.model_copy(update={"head_dim_t": head_dim, "theta_t": theta}))
+        self.spatial_dim = params.head_dim_h + params.head_dim_w
+        self.heads, self.kv_heads = text.num_attention_heads, text.num_key_value_heads
+        layers = inner.language_model.layers
+        self.q_hw = nn.ModuleList(
+            nn.Linear(text.hidden_size, self.heads * self.spatial_dim, bias=False) for _ in layers
+        )
+        self.k_hw = nn.ModuleList(
+            nn.Linear(text.hidden_size, self.kv_heads * self.spatial_dim, bias=False) for _ in layers
+        )
+        for q, k in zip(self.q_hw, self.k_hw):
+            nn.init.normal_(q.weight, std=params.init_std)
+            nn.init.zeros_(k.weight)
+        self._hooks: list[Any] = []
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._attach(model, inner, text)
+
+    def _attach(self, model: nn.Module, inner: nn.Module, text: Any) -> None:
+        self._text, self._previous = text, text._attn_implementation
+        if self._previous not in INNER:
+            raise ArchError(
+                f"neo_native_rope needs sdpa or eager attention (it passes a mixed [B, 1, L, L] mask); the model "
+                f"uses {self._previous!r}: load it with attn_implementation='sdpa'"
+            )
+        attention = [layer.self_attn for layer in inner.language_model.layers]
+        if self._previous == "eager":
+            self.inner_attention = inspect.getmodule(type(attention[0])).eager_attention_forward
+        else:
+            self.inner_attention = AttentionInterface()[self._previous]
+        self._merge = model.config.vision_config.spatial_merge_size
+        self._tokens = {"image": model.config.image_token_id, "video": model.config.video_token_id}
+        self._generation = getattr(model, "generation_config", None)
+        self._hooks.append(inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._hooks.append(inner.visual.register_forward_hook(_keep_grid, with_kwargs=True))
+        for layer, module in enumerate(attention):
+            _OWNERS[module] = (self, layer)
+            self._hooks.append(module.register_forward_pre_hook(partial(self._capture, layer), with_kwargs=True))
+        text._attn_implementation = IMPLEMENTATION
+        self.to(model.get_input_embeddings().weight.device)
+
+    def remove(self) -> None:
+        """Unhook from the model and give it back its own attention implementation."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for module in [m for m, (owner, _) in _OWNERS.items() if owner is self]:
+            del _OWNERS[module]
+        if self._text is not None:
+            self._text._attn_implementation = self._previous
+            self._text = None
+
+    @contextmanager
+    def feed_batch(
+        self, geometry: Sequence[dict[str, torch.Tensor] | None], video_samples: Sequence[int]
+    ) -> Iterator[None]:
+        """No geometry is needed; `generate` inside this block recomputes the sequence (no KV cache)."""
+        config = self._generation
+        previous = None if config is None else config.use_cache
+        if config is not None:
+            config.use_cache = False
+        try:
+            yield
+        finally:
+            if config is not None:
+                config.use_cache = previous
+
+    def layout(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+        """Visual units and grids of a batch (see `visual_units`)."""
+        grids = {"image": image_grid_thw, "video": video_grid_thw}
+        return visual_units(input_ids, self._tokens, grids, self._merge)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("neo_native_rope finds the visual units from input_ids; this forward got inputs_embeds")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError(
+                "neo_native_rope: decoding with a KV cache is not supported (the cache keeps no H/W key channels); "
+                "run generate with use_cache=False (moekit's generate does inside feed_batch)"
+            )
+        padding = kwargs.get("attention_mask")
+        if padding is not None and padding.ndim != 2:
+            raise ValueError(f"neo_native_rope builds its own mask; it needs a 2-D padding mask, got {padding.ndim}-D")
+        grids_thw = [kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")]
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        for k, kind in enumerate(("image", "video")):  # generate encodes the media first and passes only features
+            if grids_thw[k] is None and encoded.get(kind) is not None:
+                grids_thw[k] = getattr(encoded[kind], GRID, None)
+        units, grids = self.layout(input_ids, *grids_thw)
+        index = self.rope.index(units, grids, attention_mask=padding)
+        cos, sin = self.rope.cos_sin(index, SPATIAL)
+        allowed = NativeRope.mask(units, attention_mask=padding)
+        if padding is not None:  # a padding query sees itself, so no softmax row is empty (its output is unused)
+            eye = torch.eye(units.shape[1], dtype=torch.bool, device=units.device)
+            allowed = allowed | (eye & ~padding.bool()[:, :, None])
+        self._state = (cos, sin, allowed[:, None])
+        kwargs["position_ids"] = index[0][None].expand(3, -1, -1)
+        if args:
+            args, kwargs["input_ids"] = (), input_ids
+        return args, kwargs
+
+    def _capture(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._hidden[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def attend(
+        self, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append the rotated H/W channels to `query` / `key` (T channels, already rotated) and attend under
+        the eq. 7 mask with the model's original attention."""
+        if self._state is None or layer not in self._hidden:
+            raise RuntimeError("neo_native_rope: attention ran outside a forward of the model it is attached to")
+        if key.shape[2] != query.shape[2]:
+            raise ValueError("neo_native_rope: decoding with a KV cache is not supported; use use_cache=False")
+        cos, sin, allowed = self._state
+        hidden = self._hidden.pop(layer)
+        batch, length = hidden.shape[:2]
+        q_proj, k_proj = self.q_hw[layer], self.k_hw[layer]  # called as modules, so wrappers' hooks run
+        q_hw = q_proj(hidden.to(q_proj.weight.dtype)).view(batch, length, self.heads, -1)
+        k_hw = k_proj(hidden.to(k_proj.weight.dtype)).view(batch, length, self.kv_heads, -1)
+        q_hw = self.rope.rotate(q_hw.transpose(1, 2), cos, sin, SPATIAL)
+        k_hw = self.rope.rotate(k_hw.transpose(1, 2), cos, sin, SPATIAL)
+        query = torch.cat([query, q_hw.to(query.dtype)], dim=-1)
+        key = torch.cat([key, k_hw.to(key.dtype)], dim=-1)
+        mask = allowed if self._previous == "sdpa" else NativeRope.additive(allowed[:, 0], query.dtype)
+        kwargs["is_causal"] = False
+        return self.inner_attention(module, query, key, value, mask, **kwargs)
+
+
+def _keep_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    """Keep the vision tower's `grid_thw` on its output: `generate` hands the model the encoded features
+    (`mm_encoder_outputs`) without the grids, and the units need them."""
+    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    if grid is not None and output is not None:
+        object.__setattr__(output, GRID, grid)
+
+
+def _host(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The `Qwen2_5_VLModel` inside `model` and its text config; refuses other families."""
+    model_type = str(getattr(model.config, "model_type", "")).removeprefix("moekit_")
+    inner = getattr(model, "model", None)
+    if model_type not in FAMILIES or not hasattr(inner, "language_model"):
+        raise ArchError(
+            f"neo_native_rope is wired into {', '.join(FAMILIES)} only (its text attention takes explicit 3-row "
+            f"position ids and sdpa/eager attention with a custom mask); the model is {model_type or type(model).__name__!r}"
+        )
+    return inner, inner.language_model.config
