@@ -237,7 +237,7 @@ def test_cta_forward_on_visual_tokens_with_masks(cta):
     hidden = torch.randn(2, ids.shape[1], 32)
     spatial, semantic = torch.randn(2, 8, 5), torch.randn(2, 4, 5)
     teacher = {"spatial": spatial, "semantic": semantic, "spatial_mask": [1, 0], "semantic_mask": [1, 0]}
-    losses = head(hidden_states=(hidden,), input_ids=ids, teacher=teacher)
+    losses = head(hidden_states=hidden, input_ids=ids, teacher=teacher)
     assert set(losses) == {"cta_geometry", "cta_language", "cta_structure"}
     visual = hidden[0][ids[0] == IMAGE_ID][None]  # 4 image tokens of sample 0 (sample 1 is text only)
     geom, lang = head.adapt(visual)
@@ -247,8 +247,8 @@ def test_cta_forward_on_visual_tokens_with_masks(cta):
     z_student, z_teacher = torch.cat([geom[0], lang[0]]), torch.cat([target_geo, semantic[0]])
     torch.testing.assert_close(losses["cta_structure"], structure_loss(z_student, z_teacher))
     with pytest.raises(ValueError, match="sample 1 carries a spatial teacher but has no visual tokens"):
-        head(hidden_states=(hidden,), input_ids=ids, teacher={"spatial": spatial})
-    only_geo = head(hidden_states=(hidden,), input_ids=ids, teacher={"spatial": spatial, "spatial_mask": [1, 0]})
+        head(hidden_states=hidden, input_ids=ids, teacher={"spatial": spatial})
+    only_geo = head(hidden_states=hidden, input_ids=ids, teacher={"spatial": spatial, "spatial_mask": [1, 0]})
     assert only_geo["cta_structure"].item() == 0 == only_geo["cta_language"].item()
     torch.testing.assert_close(only_geo["cta_geometry"], losses["cta_geometry"])
 

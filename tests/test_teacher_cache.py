@@ -179,7 +179,7 @@ def test_teach_command_errors_are_one_line(dataset, tmp_path):
     out = tmp_path / "never"
     unknown = CliRunner().invoke(app, ["teach", "--teacher", "dino", "--data", str(dataset), "-o", str(out)])
     assert unknown.exit_code == 1
-    assert "error: --teacher dino: no teacher named 'dino'; available: vggt, vjepa2" in unknown.output
+    assert "error: --teacher dino: no teacher named 'dino'; available: clip_vision, vggt, vjepa2" in unknown.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "ok", "image": "x.png"}\n')
     result = CliRunner().invoke(app, ["teach", "--teacher", "vggt", "--data", str(bad), "-o", str(out)])

@@ -4,15 +4,24 @@ A head is an `nn.Module` with `prepare(model, tokenizer)` (it may add special to
 `forward(*, hidden_states, input_ids, teacher) -> {term: loss}`. A head that reads tokens placed in the prompt
 lists them in `placeholder_tokens` (after `prepare`); the data layer puts those tokens after the student's image
 in paired samples (`data.synergy_tokens` of them), so the core never names a head's tokens itself.
+
+A head with `feeds_model = True` changes the model's own forward (it hooks a layer in `prepare`), so it is part of
+the trained model: `load_heads` attaches such heads again, with their trained weights, when a saved stage output
+is opened (the stage's `recipe.yaml` names them; `synergy_heads.safetensors` holds `<head>.<parameter>`). Heads
+that only add side losses are left out there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+from safetensors.torch import load_file
 from torch import nn
 
+from moekit.config.provenance import RECIPE_FILE
 from moekit.plugins.refs import SynergyHeadRef
 
 
@@ -35,3 +44,39 @@ def placeholder_tokens(heads: Mapping[str, nn.Module]) -> list[str]:
     for head in heads.values():
         tokens += list(getattr(head, "placeholder_tokens", ()) or ())
     return tokens
+
+
+HEADS_FILE = "synergy_heads.safetensors"
+
+
+def load_heads(model_dir: str | Path, model: nn.Module) -> dict[str, nn.Module]:
+    """The `feeds_model` heads a stage output was trained with, attached to `model` with their saved weights
+    (in eval mode); `{}` for a folder without any (no recipe.yaml, or only side-loss heads)."""
+    from moekit.plugins.registry import registry
+
+    model_dir = Path(model_dir)
+    recipe_file = model_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        return {}
+    stages = (yaml.safe_load(recipe_file.read_text()) or {}).get("stages") or [{}]
+    refs = (stages[0].get("losses") or {}).get("synergy") or []
+    heads: dict[str, nn.Module] = {}
+    for index, ref in enumerate(refs):
+        where = f"{recipe_file}: stages[0].losses.synergy[{index}]"
+        head = registry().build("synergy_head", ref["name"], ref.get("params") or {}, where=where)
+        if getattr(head, "feeds_model", False):
+            heads[ref["name"]] = head
+    if not heads:
+        return heads
+    file = model_dir / HEADS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{recipe_file} names synergy heads that change the model ({', '.join(heads)}) but {file} is missing"
+        )
+    state = load_file(str(file))
+    for name, head in heads.items():
+        head.prepare(model, None)
+        own = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        head.float().load_state_dict(own)  # strict: names what is missing or unexpected
+        head.eval()
+    return heads

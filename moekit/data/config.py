@@ -58,6 +58,9 @@ class DataConfig(StrictModel):
     samples_per_epoch: int | None = Field(
         None, ge=1, description="draws per epoch for weighted / interleave mixing (default: total dataset size)"
     )
+    student_frames: bool = Field(
+        False, description="also give teachers each sample's own frames (teacher slots with input: student)"
+    )
     synergy_tokens: int = Field(
         0, ge=0, description="<synergy> tokens put after the student's image in paired samples (coarse distillation)"
     )

@@ -77,7 +77,7 @@ class ConversationDataset(Dataset):
         """The encoded sample; `BadSample` (naming file, line, id) when its media or length make it unusable."""
         entry = self.entries[index]
         try:
-            media = load_media(entry.sample, self.root, self.config.frames, self.features)
+            media = load_media(entry.sample, self.root, self.config.frames, self.features, self.config.student_frames)
             item = self.preprocessor.encode(entry.sample, media, self.config.max_length, self.config.synergy_tokens)
         except MissingExtraError:
             raise

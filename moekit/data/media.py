@@ -4,7 +4,12 @@ Teacher inputs per sample (the `teacher` entry of a batch, None when the sample 
 
     {"video": {"frames": float [T, 3, H, W] in [0, 1]},
      "scene": {"frames": [T, 3, H, W], "depth": [T, H, W] metres, "intrinsics": [T, 3, 3], "poses": [T, 4, 4]},
+     "student": {"frames": [T, 3, H, W]},       # the sample's own images, or its video / scene views
      "features": {teacher_name: [N, D]}}        # from a feature cache, instead of the media it replaces
+
+`student` is there only when asked for (`data.student_frames`: teachers with `input: student`, e.g. Vid-LLM's
+geometry and semantic teachers, which see what the student sees); images of another size than the first are
+resized to it.
 
 Student geometry for a 3D scene (the `geometry` entry, None for other samples), aligned with the frames the
 vision tower sees (resized, padded to a whole temporal patch by repeating the last view):
@@ -58,7 +63,13 @@ def scene_tensors(scene: SceneFrames) -> dict[str, torch.Tensor]:
     }
 
 
-def load_media(sample: Sample, root: Path, spec: FramesSpec, features: TeacherFeatureReader | None = None) -> Media:
+def load_media(
+    sample: Sample,
+    root: Path,
+    spec: FramesSpec,
+    features: TeacherFeatureReader | None = None,
+    student_frames: bool = False,
+) -> Media:
     """Everything a sample refers to, decoded. Raises FileNotFoundError / ValueError / OSError on bad media."""
     images = [load_image(resolve(root, p)) for p in sample.image_paths]
     clip, scene = None, None
@@ -69,7 +80,13 @@ def load_media(sample: Sample, root: Path, spec: FramesSpec, features: TeacherFe
         else:
             scene = read_scene(resolve(root, value), spec)
             clip = scene.frames
-    return Media(images, clip, scene, _teacher(sample, root, spec, features))
+    teacher = _teacher(sample, root, spec, features)
+    own = images + list(clip or [])
+    if student_frames and own and not (teacher and "features" in teacher):
+        size = own[0].size
+        frames = [f if f.size == size else f.resize(size, Image.Resampling.BILINEAR) for f in own]
+        teacher = {**(teacher or {}), "student": {"frames": frames_tensor(frames)}}
+    return Media(images, clip, scene, teacher)
 
 
 def _teacher(sample: Sample, root: Path, spec: FramesSpec, features: TeacherFeatureReader | None) -> dict | None:

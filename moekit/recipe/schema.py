@@ -195,6 +195,16 @@ class SynergyLoss(SynergyHeadRef):
     terms: dict[str, float] = Field(default_factory=dict, description="per-term weights (default 1.0 each)")
 
 
+class TeacherSlot(TeacherRef):
+    """The teacher of one batch slot and what it reads from each sample."""
+
+    input: Literal["video", "scene", "student"] | None = Field(
+        None,
+        description="the sample's paired video, its paired scene, or the student's own frames (its images, or its "
+        "video / scene views: Vid-LLM's teachers); default: the slot's name",
+    )
+
+
 class Losses(StrictModel):
     """Weights of the loss terms. CE counts answer tokens only (labels != -100)."""
 
@@ -232,6 +242,9 @@ class Distributed(StrictModel):
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON/YAML merged under the recipe's values")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward (ZeRO-3)")
+    load: Literal["auto", "whole"] = Field(
+        "auto", description="FSDP2: auto reads each process's shard of the decoder layers; whole loads all first"
+    )
     find_unused_parameters: bool = Field(
         False, description="DDP; not needed for moekit's own modules, which touch every trainable parameter"
     )
@@ -249,8 +262,10 @@ class Stage(StrictModel):
     phases: list[Phase] = Field(default_factory=list)
     lora: Lora | None = None
     losses: Losses = Field(default_factory=Losses)
-    teachers: dict[str, TeacherRef] = Field(
-        default_factory=dict, description="teacher per batch slot (video, scene); skipped for cached features"
+    teachers: dict[str, TeacherSlot] = Field(
+        default_factory=dict,
+        description="teacher per batch slot, keyed by the synergy head path it feeds (video -> temporal and scene "
+        "-> spatial, any other name as is); skipped for cached features",
     )
     position_encoders: list[PositionEncoderRef] | None = Field(
         None,
@@ -325,6 +340,12 @@ class Stage(StrictModel):
             problems.append("save: lora_adapter needs a lora: section")
         if self.data_source == "data" and self.data is None:
             problems.append("the data section is required (or name another data_source)")
+        student = [slot for slot, ref in self.teachers.items() if ref.input == "student"]
+        if student and self.data_source == "data" and self.data is not None and not self.data.student_frames:
+            problems.append(
+                f"teachers.{student[0]}.input: student needs data.student_frames: true (the data layer then hands "
+                "each sample's own frames to the teachers)"
+            )
         if self.data_source != "data" and self.data is not None and self.data_params:
             problems.append("give data (for data_source: data) or data_params (for other sources), not both")
         for section, names in (

@@ -1,11 +1,13 @@
 """Teachers for coarse distillation: built from the plug-in registry, run on the batch's `teacher` extra.
 
 The data layer gives one entry per sample (None when the sample has no pair): `{"video": {"frames"},
-"scene": {"frames", "depth", "intrinsics", "poses"}, "features": {teacher_name: [N, D]}}`. For each configured
+"scene": {"frames", "depth", "intrinsics", "poses"}, "student": {"frames"}, "features": {teacher_name: [N,
+D]}}`. A slot reads the input its recipe entry names (`input:`, default the slot's name). For each configured
 teacher slot, a sample's cached features (from `moekit teach`) are used when present, else the teacher runs
 on its inputs without gradients. The features are padded into `[B, N, D]` with `<path>_mask` (which samples
 carry that teacher) and `<path>_tokens_mask`, under the synergy head's path name: PolyV's video teacher
-(V-JEPA 2) feeds the `temporal` path, its 3D teacher (VGGT) the `spatial` (geometric) path.
+(V-JEPA 2) feeds the `temporal` path, its 3D teacher (VGGT) the `spatial` (geometric) path; Vid-LLM's CTA reads
+slots named `spatial` and `semantic`, both with `input: student`.
 
 A batch-level dict `{slot: inputs or features}` (custom batch sources) is also accepted and passed on.
 """
@@ -29,8 +31,19 @@ def build_teachers(refs: dict[str, TeacherRef], where: str, device: torch.device
         teacher = registry().build("teacher", ref.name, ref.params, where=f"{where}.teachers.{slot}")
         if isinstance(teacher, nn.Module):
             teacher.to(device).eval().requires_grad_(False)
-        teachers[slot] = teacher
+        reads = getattr(ref, "input", None)
+        teachers[slot] = teacher if reads in (None, slot) else Reading(teacher, reads)
     return teachers
+
+
+class Reading:
+    """A teacher that reads the sample input `reads` rather than the one its slot is named after."""
+
+    def __init__(self, teacher: Any, reads: str):
+        self.teacher, self.reads = teacher, reads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.teacher, name)
 
 
 def is_features(value: Any) -> bool:
@@ -50,7 +63,7 @@ def _sample_features(sample: dict | None, slot: str, teacher: Any) -> torch.Tens
     cached = (sample.get("features") or {}).get(getattr(teacher, "name", slot))
     if cached is not None:
         return torch.as_tensor(cached)
-    inputs = sample.get(slot)
+    inputs = sample.get(teacher.reads if isinstance(teacher, Reading) else slot)
     if inputs is None:
         return None
     batch = TeacherBatch(**{k: v[None] for k, v in inputs.items() if k in ("frames", "depth", "intrinsics", "poses")})

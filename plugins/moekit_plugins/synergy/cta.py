@@ -1,13 +1,15 @@
-"""Vid-LLM's Cross-Task Adapter as a synergy head on the MoE-LLM's visual-token hidden states.
+"""Vid-LLM's Cross-Task Adapter as a synergy head inside the MoE-LLM, on the visual tokens of one decoder layer.
 
-Shared tokens T (the hidden states at the image/video token positions of one layer) split into
+Shared tokens T (the output of decoder layer `layer` at the image/video token positions) split into
 T_geom = phi_geom(T) and T_lang = phi_lang(T); K learnable bridge tokens read both streams,
 T'_bridge = Attn(T_bridge, T_geom, T_geom) + Attn(T_bridge, T_lang, T_lang), and each stream reads the bridge
 back (T'_s = T_s + Attn(T_s, T'_bridge, T'_bridge): the paper says only "integrated into the streams").
+T'_lang is what the LLM goes on with (Vid-LLM's reasoning branch reads T'_lang): a forward hook on the layer adds
+to_llm(T'_lang) to the visual tokens' hidden states, to_llm zero-initialised so the model starts unchanged.
 Losses against a geometry teacher (`spatial`) and a semantic teacher (`semantic`), Vid-LLM eq. 6-7:
 L_geo = mean_i ||norm(g_i) - norm(t_i)||^2, L_lang = 1 - cos(mean g', mean t'),
 L_sc = ||Z_s Z_s^T - Z_t Z_t^T||_F^2 / M^2 over L2-normalised, concatenated geometry + language tokens.
-Teacher tokens are pooled (in order) to the student's token count when they differ.
+Student and teacher tokens of a sample are pooled (in order) to the fewest of their counts when they differ.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from moekit.config import StrictModel
+from moekit_plugins.synergy.layer_hook import LayerHook
 from moekit_plugins.synergy.pooling import check_teacher_keys, last_hidden, pool_tokens, sample_mask
 
 PATHS = ("spatial", "semantic")
@@ -29,7 +32,8 @@ class CrossTaskParams(StrictModel):
     num_bridge: int = Field(16, ge=1, description="K bridge tokens (16 is best in Vid-LLM's ablation)")
     width: int | None = Field(None, ge=1, description="adapter width C; default: the LLM hidden size")
     heads: int = Field(4, ge=1, description="attention heads of the bridge attention (must divide the width)")
-    layer: int = Field(-1, description="which entry of hidden_states gives the shared tokens (-1 = last)")
+    layer: int = Field(0, description="decoder layer whose output gives the shared tokens (negative: from the end)")
+    feedback: bool = Field(True, description="add the fused T'_lang (zero-initialised projection) back to the layer")
     spatial_dim: int | None = Field(None, ge=1, description="geometry teacher feature width (e.g. VGGT/DINO)")
     semantic_dim: int | None = Field(None, ge=1, description="semantic teacher feature width (e.g. CLIP)")
     structure: bool = Field(True, description="compute L_sc (needs both teachers, of equal width)")
@@ -65,14 +69,19 @@ def structure_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 
 class CrossTaskHead(nn.Module):
-    """`prepare(model)` sizes the adapter and learns the visual token ids; `forward` returns
-    `cta_geometry`, `cta_language` and (with `structure`) `cta_structure`."""
+    """`prepare(model)` sizes the adapter, learns the visual token ids and hooks decoder layer `layer`; every
+    forward of the model then runs the adapter there (and feeds T'_lang back). `forward` returns `cta_geometry`,
+    `cta_language` and (with `structure`) `cta_structure` for the streams of the model's last forward."""
+
+    feeds_model = True  # changes the model's forward: attached again when a saved model is opened
 
     def __init__(self, params: CrossTaskParams):
         super().__init__()
         self.params = params
         self.visual_ids: list[int] = []
         self.built = False
+        self._hook: LayerHook | None = None
+        self._streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -81,17 +90,25 @@ class CrossTaskHead(nn.Module):
         return tuple(names + (["cta_structure"] if p.structure else []))
 
     def prepare(self, model: nn.Module, tokenizer=None) -> None:
-        """Find the visual token ids (architecture adapter) and build the layers at the model's width."""
+        """Find the visual token ids and the decoder layers (architecture adapter), build the layers at the
+        model's width (once) and hook layer `layer` (again on every call, replacing an earlier hook)."""
         from moekit.arch import resolve_arch
 
         adapter = resolve_arch(model)
         self.visual_ids = [*adapter.image_token_ids, *adapter.video_token_ids]
         if not self.visual_ids:
             raise ValueError(f"{adapter.model_type} has no image/video token ids; the adapter reads visual tokens")
-        if self.built:
-            return
         p = self.params
-        hidden = model.get_input_embeddings().embedding_dim
+        if not -adapter.num_layers <= p.layer < adapter.num_layers:
+            raise ValueError(f"vidllm_cta: layer={p.layer}, but the model has {adapter.num_layers} decoder layers")
+        if not self.built:
+            self._build(model.get_input_embeddings().embedding_dim)
+            self.to(model.get_input_embeddings().weight.device)
+        self.remove()
+        self._hook = LayerHook(model, adapter.layers, p.layer, self._run)
+
+    def _build(self, hidden: int) -> None:
+        p = self.params
         width = p.width or hidden
         if width % p.heads:
             raise ValueError(f"vidllm_cta: heads={p.heads} must divide the width {width}")
@@ -103,11 +120,38 @@ class CrossTaskHead(nn.Module):
         )
         self.to_spatial = nn.Linear(width, p.spatial_dim) if p.spatial_dim else None
         self.to_semantic = nn.Linear(width, p.semantic_dim) if p.semantic_dim else None
-        self.to(model.get_input_embeddings().weight.device)
+        if p.feedback:
+            # T'_lang back to the LLM width, zero-initialised: an upcycled model is unchanged at step 0.
+            self.to_llm = nn.Linear(width, hidden)
+            nn.init.zeros_(self.to_llm.weight)
+            nn.init.zeros_(self.to_llm.bias)
         self.built = True
+
+    def remove(self) -> None:
+        """Take the hook off the model (the head keeps its weights)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _run(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The layer hook: adapt the visual tokens; in training keep the streams for the losses; add
+        to_llm(T'_lang) to the visual tokens' hidden states (feedback) so the next layers read it."""
+        visual = self.visual_mask(input_ids)
+        tokens, padding = self.pack(hidden, visual)
+        geom, lang = self.adapt(tokens.to(self.bridge.dtype), padding)
+        if self.training:
+            self._streams = (geom, lang, padding)
+        if not self.params.feedback:
+            return hidden
+        delta = hidden.new_zeros(hidden.shape)
+        delta[visual] = self.to_llm(lang)[~padding].to(hidden.dtype)
+        return hidden + delta
 
     def adapt(self, tokens: torch.Tensor, padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared tokens [B, N, H] (`padding` [B, N] True = pad) -> (T'_geom, T'_lang), each [B, N, C]."""
+        if padding is not None:  # a sample without visual tokens attends to its zero row (no NaN from -inf rows)
+            padding = padding.clone()
+            padding[padding.all(-1), 0] = False
         geom, lang = self.phi_geom(tokens), self.phi_lang(tokens)
         bridge = self.bridge.expand(tokens.shape[0], -1, -1)
         bridge = (
@@ -118,50 +162,59 @@ class CrossTaskHead(nn.Module):
         lang = lang + self.fuse_lang(lang, bridge, bridge, need_weights=False)[0]
         return geom, lang
 
-    def shared_tokens(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual-token hidden states packed to [B, N_max, H] and the padding mask [B, N_max] (True = pad)."""
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.built:
             raise RuntimeError("call head.prepare(model) first")
-        visual = torch.isin(input_ids, torch.tensor(self.visual_ids, device=input_ids.device))
+        return torch.isin(input_ids, torch.tensor(self.visual_ids, device=input_ids.device))
+
+    def pack(self, hidden: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states at `visual` [B, L] packed to [B, N_max, H] and the padding mask [B, N_max] (True = pad)."""
         counts = visual.sum(-1)
-        width = int(counts.max()) if counts.numel() else 0
-        packed = hidden.new_zeros(hidden.shape[0], max(width, 1), hidden.shape[-1])
-        padding = torch.ones(hidden.shape[0], max(width, 1), dtype=torch.bool, device=hidden.device)
-        for b in range(hidden.shape[0]):
-            n = int(counts[b])
-            packed[b, :n] = hidden[b][visual[b]]
-            padding[b, :n] = False
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        packed = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+        padding = torch.arange(width, device=hidden.device)[None] >= counts[:, None]
+        packed[~padding] = hidden[visual]
         return packed, padding
+
+    def shared_tokens(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual-token hidden states packed to [B, N_max, H] and the padding mask [B, N_max] (True = pad)."""
+        return self.pack(hidden, self.visual_mask(input_ids))
 
     def forward(
         self, *, hidden_states: torch.Tensor | tuple, input_ids: torch.Tensor, teacher: Mapping[str, object]
     ) -> dict[str, torch.Tensor]:
-        """teacher: `spatial` / `semantic` token features [B, N_t, D] or None, optional `<path>_mask` [B] and
-        `<path>_tokens_mask` [B, N_t]. A sample without visual tokens may carry no teacher."""
+        """The losses of the streams the hooked layer produced in the model's last training forward (taken,
+        so each forward's streams are used once); without one, of the adapter run on `hidden_states` (a [B, L, H]
+        tensor, or the model's tuple, where layer i's output is entry i + 1). teacher: `spatial` / `semantic`
+        token features [B, N_t, D] or None, optional `<path>_mask` [B] and `<path>_tokens_mask` [B, N_t]. A
+        sample without visual tokens may carry no teacher."""
         check_teacher_keys(teacher, PATHS, "vidllm_cta")
-        hidden = last_hidden(hidden_states, self.params.layer)
+        if self._streams is not None:
+            (geom, lang, padding), self._streams = self._streams, None
+        else:
+            layer = self.params.layer
+            hidden = last_hidden(hidden_states, layer + 1 if layer >= 0 else layer)
+            tokens, padding = self.shared_tokens(hidden, input_ids)
+            geom, lang = self.adapt(tokens.to(self.bridge.dtype), padding)
         weight = self.bridge
-        tokens, padding = self.shared_tokens(hidden, input_ids)
-        geom, lang = self.adapt(tokens.to(weight.dtype), padding)
-        batch = hidden.shape[0]
-        active = {path: sample_mask(teacher, path, batch, hidden.device) for path in PATHS}
-        students = {"spatial": (geom, self.to_spatial), "semantic": (lang, self.to_semantic)}
+        batch = geom.shape[0]
+        active = {path: sample_mask(teacher, path, batch, geom.device) for path in PATHS}
         per_sample = {name: [] for name in ("cta_geometry", "cta_language", "cta_structure")}
         for b in range(batch):
             n = int((~padding[b]).sum())
-            targets = {}
-            for path in PATHS:
-                if bool(active[path][b]):
-                    targets[path] = self._target(teacher, path, b, n, weight.dtype)
-            for path, name, loss in (
-                ("spatial", "cta_geometry", geometry_loss),
-                ("semantic", "cta_language", language_loss),
+            targets = {p: self._target(teacher, p, b, n, weight.dtype) for p in PATHS if bool(active[p][b])}
+            # One token count for the student streams and every teacher of the sample: the fewest (in order).
+            m = min([n, *(t.shape[0] for t in targets.values())])
+            targets = {p: _fit(t, m) for p, t in targets.items()}
+            streams = {"spatial": _fit(geom[b, :n], m), "semantic": _fit(lang[b, :n], m)}
+            for path, name, loss, head in (
+                ("spatial", "cta_geometry", geometry_loss, self.to_spatial),
+                ("semantic", "cta_language", language_loss, self.to_semantic),
             ):
                 if path in targets:
-                    stream, head = students[path]
-                    per_sample[name].append((b, loss(head(stream[b, :n]), targets[path])))
+                    per_sample[name].append((b, loss(head(streams[path]), targets[path])))
             if self.params.structure and len(targets) == 2:
-                z_student = torch.cat([geom[b, :n], lang[b, :n]])
+                z_student = torch.cat([streams["spatial"], streams["semantic"]])
                 z_teacher = torch.cat([targets["spatial"], targets["semantic"]])
                 per_sample["cta_structure"].append((b, structure_loss(z_student, z_teacher)))
         anchor = geom.sum() + lang.sum()
@@ -180,9 +233,12 @@ class CrossTaskHead(nn.Module):
         mask = None if mask is None else torch.as_tensor(mask)[b][None].to(features.device)
         if mask is not None:
             features = features[mask[0].bool()]
-        if features.shape[0] == n:
-            return features
-        return pool_tokens(features[None], n)[0]
+        return features
+
+
+def _fit(tokens: torch.Tensor, m: int) -> torch.Tensor:
+    """[N, D] tokens pooled in order to m <= N (unchanged when N == m)."""
+    return tokens if tokens.shape[0] == m else pool_tokens(tokens[None], m)[0]
 
 
 def _mlp(inp: int, out: int) -> nn.Sequential:

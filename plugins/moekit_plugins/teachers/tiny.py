@@ -69,3 +69,27 @@ def write_tiny_vggt(out: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(aggregator_state(random_aggregator(TINY_VGGT, seed)), str(out / "model.safetensors"))
     return out
+
+
+def tiny_siglip_config(hidden_size: int = 32):
+    import transformers
+
+    return transformers.SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+
+
+def write_tiny_siglip(out: str | Path, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A tiny `SiglipVisionModel` (16 px, 8 px patches: 4 tokens a frame, 32 wide like the tiny VGGT's `concat`
+    features, so L_sc can join them) saved with `save_pretrained` (safetensors), beside its image processor."""
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.SiglipVisionModel(tiny_siglip_config(hidden_size)).save_pretrained(out)
+    transformers.SiglipImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(out)
+    return Path(out)
