@@ -231,7 +231,9 @@ class Fsdp2Engine(Engine):
     def prepare(self, module, trainable, optimizer, scheduler):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        module.to(self.device)
+        deferred = module.deferred
+        if deferred is None:
+            module.to(self.device)  # otherwise fully_shard moves what is real and leaves the meta layers be
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if self.precision == "bf16" else None, reduce_dtype=torch.float32
         )
@@ -245,6 +247,11 @@ class Fsdp2Engine(Engine):
         for unit in units:
             fully_shard(unit, **options)
         fully_shard(module, **options)
+        if deferred is not None:  # each process reads its own rows of the layers it now holds a shard of
+            from moekit.modeling.sharded import materialize
+
+            materialize(deferred, self.device)
+            module.deferred = None
         self.module = module
         self.optimizer = adamw(param_groups(module, trainable, optimizer), optimizer)
         self.scheduler = scheduler(self.optimizer)

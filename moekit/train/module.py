@@ -45,6 +45,9 @@ class TrainModule(nn.Module):
         # Parameters every forward must touch (set by sharded engines): a process whose micro-batch skips the
         # vision tower or a head would otherwise reduce fewer gradients than the others and deadlock.
         self.touch: set[str] = set()
+        # Set when the decoder layers are still on the meta device (`train.outputs.load_model(..., sharded=True)`):
+        # the FSDP2 engine fills each process's shard from the checkpoint after wrapping.
+        self.deferred = vars(hf_model(model)).pop("moekit_deferred", None)
 
     def forward(
         self,

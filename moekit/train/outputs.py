@@ -12,6 +12,7 @@ format, stage, steps; `recipe.yaml`: the recipe that made it; see `moekit.config
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,13 @@ def output_path(stage_dir: Path) -> Path:
     return stage_dir / "model"
 
 
-def load_model(path: str | Path, *, where: str) -> nn.Module:
-    """A dense transformers model or a moekit MoE model from a local directory, in float32."""
+def load_model(path: str | Path, *, where: str, sharded: bool = False) -> nn.Module:
+    """A dense transformers model or a moekit MoE model from a local directory, in float32.
+
+    `sharded`: leave the decoder layers on the meta device for the FSDP2 engine to fill with each process's
+    shard (`moekit.modeling.sharded`); the model carries them as `moekit_deferred`. A checkpoint that cannot be
+    read by rows (a conversion that splits or fuses tensors) loads whole, with a warning.
+    """
     from moekit.modeling.load import load_any
 
     path = Path(path)
@@ -47,6 +53,16 @@ def load_model(path: str | Path, *, where: str) -> nn.Module:
             f"{where}: {path} holds a {record.format} output (stage {record.stage!r}), not a whole model; "
             "use it as an expert source of an upcycle step, or start from the stage it was trained from"
         )
+    if sharded:
+        from moekit.modeling.sharded import ShardedLoadError, load_deferred
+
+        try:
+            model, weights = load_deferred(path)
+        except ShardedLoadError as exc:
+            warnings.warn(f"{where}: {path} loads whole on every process: {exc}", stacklevel=2)
+        else:
+            model.moekit_deferred = weights
+            return model
     return load_any(path, dtype=torch.float32)
 
 

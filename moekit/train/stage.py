@@ -19,7 +19,7 @@ from moekit.config.provenance import Provenance
 from moekit.recipe.load import Plan, PlannedStage
 from moekit.recipe.schema import Stage, StageRef
 from moekit.train import embeddings
-from moekit.train.engine import make_engine, process_state
+from moekit.train.engine import make_engine, process_state, resolve_mode
 from moekit.train.groups import hf_model
 from moekit.train.loop import EXTRAS, StageRun, train_stage
 from moekit.train.module import TrainModule
@@ -38,13 +38,14 @@ def stage_output(plan: Plan, planned: PlannedStage, name: str) -> Path:
 def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: str) -> tuple[nn.Module, Path]:
     """The model a stage starts from and the directory its tokenizer/processor files come from."""
     start, recipe = planned.stage.start, planned.recipe
+    sharded = sharded_load(planned.stage)
     if start.kind == "base":
-        return load_model(recipe.base, where=f"{planned.source}: base"), Path(recipe.base)
+        return load_model(recipe.base, where=f"{planned.source}: base", sharded=sharded), Path(recipe.base)
     if start.kind == "path":
-        return load_model(start.path, where=f"{where}.from.path"), Path(start.path)
+        return load_model(start.path, where=f"{where}.from.path", sharded=sharded), Path(start.path)
     if start.kind == "stage":
         path = stage_output(plan, planned, start.stage)
-        return load_model(path, where=f"{where}.from.stage"), path
+        return load_model(path, where=f"{where}.from.stage", sharded=sharded), path
     spec = start.upcycle
     base = Path(recipe.base) if spec.base is None else _ref_path(plan, planned, spec.base)
     dense = load_model(base, where=f"{where}.from.upcycle.base")
@@ -60,6 +61,14 @@ def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: s
     if upcycle_spec.router.init == "prototype":
         calibration = _calibration(planned.stage, dense, source, spec.calibration_batches, base)
     return upcycle(dense, upcycle_spec, sources=sources, calibration=calibration), base
+
+
+def sharded_load(stage: Stage) -> bool:
+    """Whether each process reads only its shard of the starting model's decoder layers: under FSDP2 unless
+    `distributed.load: whole`, and not with LoRA (peft would add its weights to layers still on the meta
+    device). An upcycle step always builds from the whole dense model."""
+    mode = resolve_mode(stage.distributed, process_state().num_processes)
+    return mode == "fsdp2" and stage.distributed.load == "auto" and stage.lora is None
 
 
 def _ref_path(plan: Plan, planned: PlannedStage, ref: str | StageRef) -> Path:
