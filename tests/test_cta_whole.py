@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import transformers
+import yaml
 
 import moekit.plugins.registry as registry
 from moekit.attach.teachers.interface import TeacherBatch
@@ -260,3 +261,45 @@ def test_student_slots_read_the_students_frames_or_cached_features(siglip_dir):
     torch.testing.assert_close(out["semantic"][1, :5], cached)
     assert out["semantic_mask"].tolist() == [True, True, False]
     assert out["semantic_tokens_mask"].sum(-1).tolist() == [8, 5, 0]
+
+
+def _next_stage(synth_dir, heads):
+    return {
+        "name": "next",
+        "from": {"stage": "cta"},
+        "trainable": ["projector"],
+        "losses": {"synergy": heads},
+        "data": {
+            "datasets": [{"name": "videos", "path": str(synth_dir / "stage1_2_video.jsonl")}],
+            "frames": {"max_frames": 4},
+        },
+        "optimizer": {"lr": 1e-2},
+        "steps": 1,
+    }
+
+
+def test_a_later_stage_starts_from_the_trained_head_or_refuses_to_drop_it(cta_run, synth_dir, bundle):
+    """The head is part of the model: the next stage loads its trained weights (here frozen, so saved unchanged)
+    and a stage that does not list it is refused before training."""
+    from safetensors.torch import load_file
+
+    tmp, recipe, first = cta_run
+    spec = yaml.safe_load(recipe.read_text())
+    head = spec["stages"][0]["losses"]["synergy"][0]
+    spec["stages"].append(_next_stage(synth_dir, [head]))
+    recipe.with_name("two.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    *_, second = run(recipe.with_name("two.yaml"), resume=True)
+    before, after = (
+        load_file(str(first / "synergy_heads.safetensors")),
+        load_file(str(second / "synergy_heads.safetensors")),
+    )
+    assert before["vidllm_cta.to_llm.weight"].abs().sum() > 0
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+
+    spec["stages"][1] = _next_stage(synth_dir, [])
+    spec["stages"][1]["name"] = "dropped"
+    recipe.with_name("three.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.losses\.synergy: .* trained with synergy head 'vidllm_cta'"):
+        run(recipe.with_name("three.yaml"), resume=True)

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from moekit.attach.position import META_FILE, META_KEY, as_refs, load_encoders, saved_refs
-from moekit.attach.synergy import build_heads, placeholder_tokens
+from moekit.attach.synergy import build_heads, inherit_heads, placeholder_tokens
 from moekit.attach.teachers.batch import build_teachers
 from moekit.config.provenance import Provenance
 from moekit.recipe.load import Plan, PlannedStage
@@ -107,6 +107,7 @@ def run_stage(
     original_rows = model.get_input_embeddings().num_embeddings
     encoders, encoder_refs = _encoders(stage, where, model, source_dir)
     heads = build_heads(stage.losses.synergy, model, tokenizer, f"{where}.losses.synergy")
+    inherit_heads(source_dir, heads, f"{where}.losses.synergy")
     if any(g.name == "new_token_embeddings" for g in stage.all_groups()):
         embeddings.extend(model, original_rows)
     if stage.lora is not None:
