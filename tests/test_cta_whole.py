@@ -23,6 +23,7 @@ from moekit_plugins.teachers.tiny import TINY_VGGT, write_tiny_siglip, write_tin
 
 from .recipes import losses, run, write_recipe
 
+TERMS = ("cta_geometry", "cta_language", "cta_structure")
 CTA = {"num_bridge": 3, "width": 8, "heads": 1, "spatial_dim": 5, "semantic_dim": 5, "layer": 1}
 
 
@@ -285,7 +286,7 @@ def test_a_later_stage_starts_from_the_trained_head_or_refuses_to_drop_it(cta_ru
 
     tmp, recipe, first = cta_run
     spec = yaml.safe_load(recipe.read_text())
-    head = spec["stages"][0]["losses"]["synergy"][0]
+    head = {**spec["stages"][0]["losses"]["synergy"][0], "terms": dict.fromkeys(TERMS, 0.0)}  # kept, not trained
     spec["stages"].append(_next_stage(synth_dir, [head]))
     recipe.with_name("two.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     *_, second = run(recipe.with_name("two.yaml"), resume=True)
