@@ -289,3 +289,124 @@ def test_routing_stats_accumulate_per_kind(tmp_path):
     data = json.loads((tmp_path / "routes.json").read_text())
     assert data["layers"]["0"]["text"]["tokens"] == 3
     assert data["experts"] == ["a", "b", "c"]
+
+
+# The eager path as it was before issue 15 ("routing overhead"), frozen here as the reference for the fused one:
+# permutation gathers, one in-place node per expert MLP, the k slots mixed with a per-token einsum.
+
+
+class _FrozenExpertMlps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, up_w, up_b, down_w, down_b, counts, act, gated):
+        out = x.new_empty(x.shape[0], down_w.shape[1])
+        pre_all, mid_all = x.new_empty(x.shape[0], up_w.shape[1]), x.new_empty(x.shape[0], down_w.shape[2])
+        start = 0
+        for e, n in enumerate(counts):
+            rows = slice(start, start + n)
+            start += n
+            if n:
+                torch.addmm(up_b[e], x[rows], up_w[e].t(), out=pre_all[rows]) if up_b is not None else torch.mm(
+                    x[rows], up_w[e].t(), out=pre_all[rows]
+                )
+                mid_all[rows] = _frozen_activate(pre_all[rows], act, gated)
+                if down_b is None:
+                    torch.mm(mid_all[rows], down_w[e].t(), out=out[rows])
+                else:
+                    torch.addmm(down_b[e], mid_all[rows], down_w[e].t(), out=out[rows])
+        ctx.save_for_backward(x, up_w, down_w, pre_all, mid_all)
+        ctx.counts, ctx.act, ctx.gated, ctx.has_bias = counts, act, gated, (up_b is not None, down_b is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, up_w, down_w, pre_all, mid_all = ctx.saved_tensors
+        grad = grad.contiguous()
+        grads = [torch.empty_like(x), torch.zeros_like(up_w), torch.zeros_like(down_w)]
+        grad_up_b, grad_down_b = up_w.new_zeros(up_w.shape[:2]), down_w.new_zeros(down_w.shape[:2])
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            start += n
+            if n:
+                g_out = grad[rows]
+                torch.mm(g_out.t(), mid_all[rows], out=grads[2][e])
+                torch.sum(g_out, dim=0, out=grad_down_b[e])
+                with torch.enable_grad():
+                    pre = pre_all[rows].detach().requires_grad_(True)
+                    (g_pre,) = torch.autograd.grad(_frozen_activate(pre, ctx.act, ctx.gated), pre, g_out @ down_w[e])
+                torch.mm(g_pre, up_w[e], out=grads[0][rows])
+                torch.mm(g_pre.t(), x[rows], out=grads[1][e])
+                torch.sum(g_pre, dim=0, out=grad_up_b[e])
+        up_b = grad_up_b if ctx.has_bias[0] else None
+        down_b = grad_down_b if ctx.has_bias[1] else None
+        return grads[0], grads[1], up_b, grads[2], down_b, None, None, None
+
+
+def _frozen_activate(pre, act, gated):
+    if not gated:
+        return act(pre)
+    gate, up = pre.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def _frozen_eager(experts, x, index, weights):
+    num_tokens, top_k = index.shape
+    order, inverse, counts = slot_order(index, experts.num_experts)
+    rows = gather_slots(x, order, inverse, top_k)
+    down_b = experts.down_proj_bias if experts.biased else None
+    args = (experts.up_weight, experts.up_bias, experts.down_proj, down_b, counts, experts.act_fn, experts.gated)
+    out = _FrozenExpertMlps.apply(rows, *args)
+    per_slot = unsort_slots(out, order, inverse).view(num_tokens, top_k, -1)
+    return torch.einsum("tk,tkh->th", weights.to(per_slot.dtype), per_slot)
+
+
+def _eager_outputs_and_grads(forward, experts, x, index, weights, grad):
+    experts.zero_grad(set_to_none=True)
+    leaf_x, leaf_w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = forward(experts, leaf_x, index, leaf_w)
+    out.backward(grad)
+    return [out, leaf_x.grad, leaf_w.grad] + [p.grad for p in experts.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("gated", "act"), [(True, nn.SiLU()), (True, nn.GELU()), (False, nn.GELU()), (False, nn.SiLU())]
+)
+@pytest.mark.parametrize("biased", [False, True])
+def test_fused_eager_path_matches_the_frozen_one(dtype, top_k, gated, act, biased):
+    """Same outputs and gradients as before the fused node, bit for bit, except the routing weights' gradient: a
+    length-H dot product, now summed in fp32 in another order (fp32: within 1e-6 of its largest value; bf16, where
+    the old top-1 path rounded every product to bf16: within 2^-7 of it)."""
+    torch.manual_seed(10)
+    E, H, I, T = 5, 32, 48, 97
+    experts = make_experts(ExpertsSettings("eager"), E, H, I, act, gated=gated, biased=biased)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.3)
+    experts.to(dtype)
+    x, grad = torch.randn(T, H).to(dtype), torch.randn(T, H).to(dtype)
+    index = torch.stack([torch.randperm(E - 1)[:top_k] for _ in range(T)])  # expert 4 gets no token
+    weights = torch.rand(T, top_k)
+    new = _eager_outputs_and_grads(type(experts).forward, experts, x, index, weights, grad)
+    old = _eager_outputs_and_grads(_frozen_eager, experts, x, index, weights, grad)
+    for i, (a, b) in enumerate(zip(new, old, strict=True)):
+        if i == 2:
+            scale = (1e-6 if dtype == torch.float32 else 2**-7) * b.abs().max().item()
+            torch.testing.assert_close(a, b, atol=scale, rtol=0)
+        else:
+            assert torch.equal(a, b), f"tensor {i} differs by {(a.float() - b.float()).abs().max().item()}"
+    with torch.no_grad():  # the inference path (reused buffers, nothing saved) computes the same values
+        assert torch.equal(experts(x, index, weights), new[0])
+
+
+def test_fused_eager_path_takes_autocast_through_plain_autograd():
+    torch.manual_seed(11)
+    experts = make_experts(ExpertsSettings("eager"), 4, 16, 24, nn.SiLU(), gated=True, biased=False)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, index, weights = torch.randn(9, 16), torch.stack([torch.randperm(4)[:2] for _ in range(9)]), torch.rand(9, 2)
+    reference = _frozen_eager(experts, x, index, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, index, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)

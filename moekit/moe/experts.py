@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
-from moekit.moe.fused import expert_mlps
+from moekit.moe.fused import expert_mlps, fused_supported, routed_mlps
 from moekit.moe.slots import gather_slots, slot_order, unsort_slots
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -28,8 +28,8 @@ AUTO = "auto"
 def default_implementation(device: torch.device | str = "cpu") -> str:
     """The implementation measured fastest on `device` (bench/moe_block.py, docs/benchmarks.md).
 
-    CPU: moekit's eager loop matches or beats torch's CPU `grouped_mm` in forward and forward+backward, and its
-    backward accepts the stride-0 gradients of `out.sum().backward()` that the CPU `grouped_mm` backward rejects.
+    CPU: moekit's eager path matches torch's CPU `grouped_mm` in forward (within noise) and beats it in
+    forward+backward, in fp32 and bf16, and its backward accepts the stride-0 gradients of `out.sum().backward()` that the CPU `grouped_mm` backward rejects.
     CUDA: `grouped_mm` (one kernel, no host sync; transformers falls back by itself on GPUs without the kernel).
     """
     has_kernel = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
@@ -94,16 +94,34 @@ class _ExpertsBase(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eager path: slots sorted by expert once, then each expert's MLP on its block of rows.
-
-        Written for CPU speed: rows move with permutation gathers (`moekit.moe.slots`, no index_add), the experts run
-        as one autograd node that writes outputs and gradients in place (`moekit.moe.fused`), and the k slots of
-        each token are mixed with one einsum.
+        """Eager path: slots sorted by expert once, then one fused node runs every expert's MLP on its block of rows
+        and sums each token's weighted rows (`moekit.moe.fused`, written for CPU speed: no per-slot copies moved
+        back to token order, no per-token batched mixing product, buffers reused across experts).
         """
+        down_bias = self.down_proj_bias if self.biased else None
+        weights = top_k_weights.to(hidden_states.dtype)
+        if not fused_supported(self.act_fn, hidden_states):
+            return self._unfused(hidden_states, top_k_index, weights, down_bias)
+        order, inverse, counts = slot_order(top_k_index, self.num_experts)
+        return routed_mlps(
+            hidden_states,
+            weights,
+            order,
+            inverse,
+            counts,
+            self.up_weight,
+            self.down_proj,
+            self.act_fn,
+            gated=self.gated,
+            up_bias=self.up_bias,
+            down_bias=down_bias,
+        )
+
+    def _unfused(self, hidden_states, top_k_index, weights, down_bias) -> torch.Tensor:
+        """Plain autograd (activations with parameters, autocast): permutation gathers, per-expert MLPs, a mix."""
         num_tokens, top_k = top_k_index.shape
         order, inverse, counts = slot_order(top_k_index, self.num_experts)
         inputs = gather_slots(hidden_states, order, inverse, top_k)
-        down_bias = self.down_proj_bias if self.biased else None
         out = expert_mlps(
             inputs,
             counts,
@@ -115,7 +133,7 @@ class _ExpertsBase(nn.Module):
             down_bias=down_bias,
         )
         per_slot = unsort_slots(out, order, inverse).view(num_tokens, top_k, out.shape[-1])
-        return torch.einsum("tk,tkh->th", top_k_weights.to(per_slot.dtype), per_slot)
+        return torch.einsum("tk,tkh->th", weights.to(per_slot.dtype), per_slot)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "plain"

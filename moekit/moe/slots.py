@@ -18,8 +18,7 @@ def slot_order(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     """
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return order, inverse, flat.bincount(minlength=num_experts).tolist()
 
 
