@@ -1,16 +1,21 @@
-"""Benchmark memory per rank (issue 15): peak RSS of each of 2 FSDP2 CPU processes (torchrun, gloo) that load
-an upcycled MoE checkpoint and train one step, loading the model whole (`distributed.load: whole`, the path
-before this change) or by shards (the default), against the checkpoint's fp32 size.
+"""Benchmark memory per rank (issue 15): peak RSS of each of 2 CPU processes (torchrun, gloo) that load an
+upcycled MoE checkpoint and train one step under FSDP2 or DeepSpeed ZeRO-3, the model loaded whole
+(`distributed.load: whole`, the path before this change) or by shards (the default), against its fp32 size.
 
-A third candidate, `bare`, is a process with the same imports, the recipe loaded and the process group up:
-its peak RSS is the fixed overhead. Goal: (sharded peak - overhead) <= 0.6 x the fp32 model, on every rank. The
-candidates are interleaved in every repeat (the order rotates); each figure is the median over the repeats.
+Candidates (`CANDIDATES`): `bare` is a process with the same imports, the recipe loaded and the process group
+up. `*-2l` run the same sharded step on the same architecture cut to 2 decoder layers: the fixed overhead of
+that step (the process, one gathered layer, activations of this batch). `fsdp2-*-unbounded` run with moekit's
+`bound_host_heap` switched off (glibc's dynamic mmap threshold, the behaviour before it); `fsdp2-*-env` with
+`MALLOC_MMAP_THRESHOLD_=131072` set at launch instead; `zero3-sharded-p0` with DeepSpeed's
+`stage3_param_persistence_threshold: 0` (every tensor partitioned). Goal: (sharded peak - 2-layer peak) / (fp32 size -
+2-layer fp32 size) <= 0.6 on every rank, i.e. the memory that grows with the model. The candidates are
+interleaved in every repeat (the order rotates); each figure is the median over the repeats.
 
 Peak RSS is VmHWM of /proc/self/status, read just before the stage writes its output; the write itself is
 skipped (saving gathers the whole state on rank 0, a separate matter from loading).
 
     flock /tmp/bench.lock python bench/memory_rank.py              # 3 repeats, a ~320 MB fp32 model
-    python bench/memory_rank.py --repeats 1 --layers 8             # quick look
+    python bench/memory_rank.py --repeats 1 --only fsdp2           # quick look
 """
 
 from __future__ import annotations
@@ -27,7 +32,24 @@ from pathlib import Path
 import yaml
 
 GOAL = 0.6
-CANDIDATES = ("whole", "sharded", "bare")
+WHOLE = "stages[0].distributed.load=whole"
+ZERO3 = ["stages[0].distributed.mode=deepspeed", "stages[0].distributed.zero_stage=3"]
+# name -> (model, recipe overrides, launch environment, bound_host_heap on)
+CANDIDATES: dict[str, tuple[str, list[str], dict[str, str], bool]] = {
+    "bare": ("model", [], {}, True),
+    "fsdp2-2l": ("model2", [], {}, True),
+    "fsdp2-whole": ("model", [WHOLE], {}, True),
+    "fsdp2-sharded": ("model", [], {}, True),
+    "fsdp2-whole-unbounded": ("model", [WHOLE], {}, False),
+    "fsdp2-sharded-unbounded": ("model", [], {}, False),
+    "fsdp2-whole-env": ("model", [WHOLE], {"MALLOC_MMAP_THRESHOLD_": "131072"}, True),
+    "fsdp2-sharded-env": ("model", [], {"MALLOC_MMAP_THRESHOLD_": "131072"}, True),
+    "zero3-2l": ("model2", ZERO3, {}, True),
+    "zero3-whole": ("model", [*ZERO3, WHOLE], {}, True),
+    "zero3-sharded": ("model", ZERO3, {}, True),
+    # DeepSpeed keeps tensors under 100k elements whole on every process (here the attention projections)
+    "zero3-sharded-p0": ("model", [*ZERO3, "stages[0].distributed.deepspeed_config={root}/p0.json"], {}, True),
+}
 
 
 def vm_hwm() -> int:
@@ -61,6 +83,7 @@ def write_model(out: Path, layers: int) -> int:
 
 
 def write_recipe(root: Path, model: Path) -> Path:
+    """One stage of one step training the routers under FSDP2 on text (every process runs the same modules)."""
     stage = {
         "name": "moe",
         "from": {"path": str(model)},
@@ -72,7 +95,7 @@ def write_recipe(root: Path, model: Path) -> Path:
         "steps": 1,
         "distributed": {"mode": "fsdp2"},
     }
-    path = root / "recipe.yaml"
+    path = root / f"{model.name}.yaml"
     path.write_text(yaml.safe_dump({"base": str(model), "output_dir": str(root / "runs"), "stages": [stage]}))
     return path
 
@@ -85,12 +108,15 @@ def worker(candidate: str, recipe: str, out: str) -> None:
     import transformers  # noqa: F401
 
     import moekit  # noqa: F401
+    import moekit.train.engine as engine_module
     import moekit.train.stage as stage_module
     from moekit.pipeline import run_plan
     from moekit.recipe import load_plan
-    from moekit.train.engine import process_state
 
-    state = process_state()
+    _, overrides, _, bounded = CANDIDATES[candidate]
+    if not bounded:
+        stage_module.bound_host_heap = engine_module.bound_host_heap = lambda mode: False
+    state = engine_module.process_state()
     load_plan(recipe, [f"output_dir={out}/{candidate}"])  # the bare process stops here
     peak = {}
     if candidate != "bare":
@@ -100,57 +126,83 @@ def worker(candidate: str, recipe: str, out: str) -> None:
             return planned.output_dir
 
         stage_module.write_output = measured
-        overrides = [f"output_dir={out}/{candidate}"] + (["stages[0].distributed.load=whole"] * (candidate == "whole"))
-        run_plan(load_plan(recipe, overrides))
+        overrides = [o.format(root=out) for o in overrides]
+        run_plan(load_plan(recipe, [f"output_dir={out}/{candidate}", *overrides]))
     state.wait_for_everyone()
     rss = peak.get("rss", vm_hwm())
     Path(out, f"{candidate}-{state.process_index}.json").write_text(json.dumps({"rss": rss}))
 
 
-def launch(candidate: str, recipe: Path, out: Path) -> list[int]:
+def launch(candidate: str, root: Path) -> list[int]:
+    model, _, extra_env, _ = CANDIDATES[candidate]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.update(extra_env)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    args = ["--worker", candidate, str(recipe), str(out)]
+    args = ["--worker", candidate, str(root / f"{model}.yaml"), str(root)]
     result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=1800)
-    if result.returncode:
+    files = [Path(root, f"{candidate}-{r}.json") for r in (0, 1)]
+    if result.returncode and all(f.exists() for f in files):  # measured, then failed on the way out
+        print(f"{candidate}: exit {result.returncode} after writing its figures: {result.stderr[-300:]!r}")
+    elif result.returncode:
         raise SystemExit(f"{candidate} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return [json.loads(Path(out, f"{candidate}-{r}.json").read_text())["rss"] for r in (0, 1)]
+    rss = [json.loads(f.read_text())["rss"] for f in files]
+    for f in files:
+        f.unlink()
+    return rss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--only", help="run the candidates whose name contains this (bare always runs)")
     parser.add_argument("--worker", nargs=3, metavar=("CANDIDATE", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
+    names = [c for c in CANDIDATES if c == "bare" or args.only is None or args.only in c]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        size = write_model(root / "model", args.layers)
-        recipe = write_recipe(root, root / "model")
-        runs: dict[str, list[list[int]]] = {c: [] for c in CANDIDATES}
+        size, small = write_model(root / "model", args.layers), write_model(root / "model2", 2)
+        write_recipe(root, root / "model"), write_recipe(root, root / "model2")
+        (root / "p0.json").write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        runs: dict[str, list[list[int]]] = {c: [] for c in names}
         for repeat in range(args.repeats):
-            order = CANDIDATES[repeat % 3 :] + CANDIDATES[: repeat % 3]
-            for candidate in order:
-                runs[candidate].append(launch(candidate, recipe, root))
+            shift = repeat % len(names)
+            for candidate in names[shift:] + names[:shift]:
+                runs[candidate].append(launch(candidate, root))
                 print(f"repeat {repeat + 1} {candidate}: {[r / 2**20 for r in runs[candidate][-1]]} MiB", flush=True)
+    report(runs, size, small, args.repeats)
+
+
+def report(runs: dict[str, list[list[int]]], size: int, small: int, repeats: int) -> None:
     mib = 2**20
-    print(f"\nfp32 model: {size / mib:.1f} MiB; medians over {args.repeats} repeats, per rank")
-    medians = {c: [statistics.median(run[r] for run in runs[c]) for r in (0, 1)] for c in CANDIDATES}
-    overhead = medians["bare"]
-    print("| candidate | rank 0 (MiB) | rank 1 (MiB) | rank 0 - overhead | rank 1 - overhead |")
+    print(f"\nfp32 model: {size / mib:.1f} MiB (2 layers: {small / mib:.1f} MiB); medians over {repeats} repeats")
+    medians = {c: [statistics.median(run[r] for run in runs[c]) for r in (0, 1)] for c in runs}
+    bare = medians["bare"]
+    print("| candidate | rank 0 (MiB) | rank 1 (MiB) | above bare, worst rank | above the 2-layer step, worst rank |")
     print("| --- | --- | --- | --- | --- |")
-    for c in CANDIDATES:
-        net = [(medians[c][r] - overhead[r]) / size for r in (0, 1)]
-        cells = [f"{medians[c][r] / mib:.0f}" for r in (0, 1)] + [f"{n:.2f}x" for n in net]
-        print(f"| {c} | " + " | ".join(cells) + " |")
-    worst = max((medians["sharded"][r] - overhead[r]) / size for r in (0, 1))
-    verdict = "met" if worst <= GOAL else "not met"
-    print(f"\nsharded: worst rank {worst:.2f}x the fp32 model above the overhead; goal <= {GOAL}x: {verdict}")
-    ratio = max(medians["sharded"][r] / medians["whole"][r] for r in (0, 1))
-    print(f"sharded / whole peak RSS (worst rank): {ratio:.2f}")
+    for c, peak in medians.items():
+        base = medians.get(c.split("-")[0] + "-2l")
+        above_bare = max((peak[r] - bare[r]) / size for r in (0, 1))
+        grown = (
+            ""
+            if base is None or c.endswith("2l")
+            else f"{max((peak[r] - base[r]) for r in (0, 1)) / (size - small):.2f}x"
+        )
+        print(f"| {c} | {peak[0] / mib:.0f} | {peak[1] / mib:.0f} | {above_bare:.2f}x | {grown} |")
+    for engine in ("fsdp2", "zero3"):
+        if any(f"{engine}-{k}" not in medians for k in ("sharded", "whole", "2l")):
+            continue
+        peak, base = medians[f"{engine}-sharded"], medians[f"{engine}-2l"]
+        worst = max((peak[r] - base[r]) / (size - small) for r in (0, 1))
+        verdict = "met" if worst <= GOAL else "not met"
+        ratio = max(peak[r] / medians[f"{engine}-whole"][r] for r in (0, 1))
+        print(
+            f"{engine} sharded: {worst:.2f}x above the 2-layer step (goal <= {GOAL}x: {verdict}); sharded / whole {ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

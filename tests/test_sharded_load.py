@@ -1,7 +1,11 @@
-"""Sharded loading: each FSDP2 process reads only its rows of the decoder layers, and gets exactly the
+"""Sharded loading: each FSDP2 or ZeRO-3 process reads only its part of the decoder layers, and gets exactly the
 parameters, buffers and losses of loading the whole model first."""
 
+import importlib.util
 import json
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,8 +13,9 @@ import pytest
 import torch
 
 import moekit
+from moekit.arch import resolve_arch
 from moekit.demo.tiny import tiny_model
-from moekit.modeling.sharded import ShardedLoadError, load_deferred, materialize
+from moekit.modeling.sharded import ShardedLoadError, load_deferred, materialize, materialize_module
 from moekit.train.outputs import load_model
 
 from .recipes import losses, stage, write_recipe
@@ -55,6 +60,17 @@ def test_rows_read_are_the_rows_of_the_whole_tensor(moe_dir):
     assert weights.read(name, (3, 3)).shape == (0, *full.shape[1:])
 
 
+def test_layers_filled_one_module_at_a_time_equal_the_whole_load(moe_dir):
+    reference = dict(load_model(moe_dir, where="t").named_parameters())
+    model, weights = load_deferred(moe_dir)
+    layers = list(model.get_submodule(resolve_arch(model).layers))
+    filled = [materialize_module(weights, layer, torch.device("cpu")) for layer in layers]
+    assert all(filled) and sum(filled) == len([n for n in reference if ".layers." in n and "language" in n])
+    for name, param in model.named_parameters():
+        assert not param.is_meta and torch.equal(param, reference[name]), name
+    assert materialize(weights, torch.device("cpu")) == 0  # nothing left on meta
+
+
 def test_a_checkpoint_missing_a_tensor_cannot_load_by_shards_and_loads_whole(moe_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -71,8 +87,11 @@ def test_a_checkpoint_missing_a_tensor_cannot_load_by_shards_and_loads_whole(moe
         load_deferred(broken)
 
 
-@pytest.mark.distributed
-def test_fsdp2_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_dir):
+def two_process_run(
+    tmp_path: Path, moe_dir: Path, mode: str, distributed: dict, kinds: list[str], precision: str = "fp32"
+) -> list[dict]:
+    """Three steps both ways on 2 processes (the recipe in `precision`); each process's comparison of the two
+    loads right after wrapping (fp32)."""
     spec = stage(
         "moe",
         **{"from": {"path": str(moe_dir)}},
@@ -80,18 +99,17 @@ def test_fsdp2_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_di
         steps=3,
         grad_accum=2,
         losses={"load_balancing": 0.0},
-        data_params={"kinds": ["text", "image"], "num_samples": 12},
-        distributed={"mode": "fsdp2"},
+        data_params={"kinds": kinds, "num_samples": 12},
+        distributed=distributed,
+        precision=precision,
     )
     recipe = write_recipe(tmp_path, moe_dir, [spec])
     worker = str(Path(__file__).with_name("sharded_load_worker.py"))
-    torchrun(str(moe_dir), str(recipe), str(tmp_path), script=worker)
-    ranks = [json.loads((tmp_path / f"params-{r}.json").read_text()) for r in (0, 1)]
-    for result in ranks:
-        assert result["params"] > 50 and not result["differ"] and not result["buffers_differ"]
-        assert not result["whole_meta"] and any(".experts." in n for n in result["deferred"])
-        assert result["local_numel"] < 0.75 * result["total_numel"]  # each process holds its share only
-    assert ranks[0]["gathered_differ"] == []
+    torchrun(str(moe_dir), str(recipe), str(tmp_path), mode, script=worker)
+    return [json.loads((tmp_path / f"params-{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_same_runs(tmp_path: Path) -> None:
     sharded, whole = tmp_path / "sharded" / "moe", tmp_path / "whole" / "moe"
     for key in ("loss", "loss/ce", "grad_norm"):
         assert losses(sharded, key) == pytest.approx(losses(whole, key), rel=1e-6), key
@@ -99,6 +117,61 @@ def test_fsdp2_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_di
     saved = [moekit.load(d / "model") for d in (sharded, whole)]
     for (name, a), b in zip(saved[0].named_parameters(), saved[1].parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.distributed
+def test_fsdp2_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_dir):
+    ranks = two_process_run(tmp_path, moe_dir, "fsdp2", {"mode": "fsdp2"}, ["text", "image"])
+    for result in ranks:
+        assert result["params"] > 50 and not result["differ"] and not result["buffers_differ"]
+        assert not result["whole_meta"] and any(".experts." in n for n in result["deferred"])
+        assert result["local_numel"] < 0.75 * result["total_numel"]  # each process holds its share only
+    assert ranks[0]["gathered_differ"] == []
+    assert_same_runs(tmp_path)
+
+
+@pytest.mark.slow  # DeepSpeed builds its ops on first use (a minute); ~20 s each once built
+@pytest.mark.distributed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_dir, precision):
+    # ZeRO-3 gathers a module's weights only in its forward: every process sees images (docs/training.md).
+    zero3 = {"mode": "deepspeed", "zero_stage": 3}
+    ranks = two_process_run(tmp_path, moe_dir, "zero3", zero3, ["image"], precision)
+    for result in ranks:
+        assert result["params"] > 50 and not result["differ"] and not result["buffers_differ"]
+        assert not result["whole_meta"] and any(".experts." in n for n in result["deferred"])
+        assert result["local_numel"] < 0.75 * result["total_numel"]  # each process holds its partitions
+    assert ranks[0]["gathered"] > 50 and ranks[0]["gathered_differ"] == []
+    assert_same_runs(tmp_path)
+
+
+HEAP_PROBE = """
+import ctypes, sys
+from moekit.train.engine import bound_host_heap
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2: hblkhd is the bytes held in mmapped blocks
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.mallinfo2.restype = ctypes.c_void_p, Info
+print(bound_host_heap(sys.argv[1]))
+libc.free(ctypes.c_void_p(libc.malloc(16 << 20)))  # a freed 16 MiB mmapped block raises a dynamic threshold
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblkhd - before >= 1 << 20)  # the next 1 MiB block: mmapped (returned at free) or heap
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize(("mode", "bounded"), [("fsdp2", True), ("deepspeed", True), ("ddp", False)])
+def test_sharded_modes_keep_large_blocks_out_of_the_heap(mode, bounded):
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    result = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE, mode], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.split() == [str(bounded), str(bounded)]
 
 
 if __name__ == "__main__":

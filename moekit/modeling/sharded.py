@@ -3,8 +3,9 @@
 `load_deferred` builds the model with its decoder layers' parameters on the meta device and everything else
 (embeddings, vision tower, head, buffers) read whole in float32, so the steps that run before wrapping (heads
 that add tokens, position encoders, new embedding rows) see a real model. After FSDP2 has sharded the layers,
-`materialize` gives each meta parameter this process's rows, read straight from the safetensors files
-(`get_slice`), so no process ever holds the whole model.
+`materialize` gives each meta parameter this process's rows, read straight from the safetensors files, so no
+process ever holds the whole model. DeepSpeed ZeRO-3 partitions flat tensors instead of rows: its engine fills
+one layer at a time with `materialize_module` and partitions it before reading the next.
 
 Written here rather than through `set_model_state_dict(..., broadcast_from_rank0=True)`: that needs the whole
 state dict on rank 0, the memory this module exists to avoid.
@@ -130,6 +131,14 @@ def materialize(weights: DeferredWeights, device: torch.device) -> int:
         )
 
     return _assign(weights.model, values)
+
+
+def materialize_module(weights: DeferredWeights, module: nn.Module, device: torch.device) -> int:
+    """Fill the meta parameters of `module`, a submodule of `weights.model`, with whole tensors; returns how
+    many were filled."""
+    prefix = next(name for name, sub in weights.model.named_modules(remove_duplicate=False) if sub is module)
+    prefix = f"{prefix}." if prefix else ""
+    return _assign(module, lambda name, param: weights.read(prefix + name).to(device) if _is_meta(param) else None)
 
 
 def _is_meta(param: torch.Tensor) -> bool:

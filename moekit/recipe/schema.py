@@ -243,7 +243,7 @@ class Distributed(StrictModel):
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON/YAML merged under the recipe's values")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward (ZeRO-3)")
     load: Literal["auto", "whole"] = Field(
-        "auto", description="FSDP2: auto reads each process's shard of the decoder layers; whole loads all first"
+        "auto", description="FSDP2, ZeRO-3: auto reads each process's part of the decoder layers; whole loads all first"
     )
     find_unused_parameters: bool = Field(
         False, description="DDP; not needed for moekit's own modules, which touch every trainable parameter"

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2/3 through `deepspeed.initialize` (the `deepspeed` extra: `pip install moekit[deepspeed]`).
 
 The recipe supplies batch sizes, accumulation, clipping and precision; `distributed.deepspeed_config` may add
-anything else (offload, bucket sizes) and may not contradict the recipe.
+anything else (offload, bucket sizes) and may not contradict the recipe. Under ZeRO-3 a model whose decoder
+layers were left on the meta device (`distributed.load: auto`) is partitioned one layer at a time as it is read.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from moekit.config import load_yaml
-from moekit.train.engine import Engine, adamw, param_groups
+from moekit.train.engine import Engine, adamw, param_groups, shard_units
 
 
 def deepspeed_module():
@@ -52,6 +56,16 @@ def deepspeed_config(engine: Engine) -> dict[str, Any]:
     return merged
 
 
+def _cast_params(module: nn.Module, precision: str) -> None:
+    """bf16: every floating parameter not yet partitioned in bf16, as `deepspeed.initialize` casts a model it
+    partitions itself (it leaves a model that `zero.Init` already partitioned as it is)."""
+    if precision != "bf16":
+        return
+    for param in module.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO-2 shards optimizer state and gradients, ZeRO-3 the weights too; DeepSpeed accumulates itself."""
 
@@ -61,6 +75,8 @@ class DeepSpeedEngine(Engine):
         deepspeed = deepspeed_module()
         config = deepspeed_config(self)
         config["gradient_clipping"] = float(self.max_grad_norm or 0.0)
+        if module.deferred is not None:
+            self._partition_deferred(deepspeed, module, config)
         base = adamw(param_groups(module, trainable, optimizer), optimizer)
         if self.config.zero_stage == 2:  # ZeRO-3 holds no full weight outside its module (see docs/training.md)
             module.touch = set(trainable)
@@ -68,6 +84,23 @@ class DeepSpeedEngine(Engine):
         # The schedule drives the wrapped optimizer's param groups (shared with ZeRO's), stepped by the loop.
         self.scheduler = scheduler(base)
         self._base = base
+
+    def _partition_deferred(self, deepspeed, module, config: dict[str, Any]) -> None:
+        """ZeRO-3 with the decoder layers still on meta (`train.outputs.load_model(..., sharded=True)`): read one
+        layer whole, let `zero.Init` partition it (each process keeps 1/N of every tensor) and free it before
+        the next, so a process holds its partitions plus one layer. `deepspeed.initialize` then partitions the
+        rest (embeddings, vision tower, head), which `load_deferred` read whole."""
+        from moekit.modeling.sharded import materialize_module
+
+        deferred, module.deferred = module.deferred, None
+        if self.config.zero_stage != 3:
+            raise ValueError("ZeRO-2 keeps whole weights on every process: load the model whole (stage.sharded_load)")
+        deepspeed.init_distributed()  # zero.Init reads the world size from it (initialize would do it later)
+        for unit in shard_units(module):
+            materialize_module(deferred, unit, self.device)
+            _cast_params(unit, self.precision)
+            deepspeed.zero.Init(module=unit, config_dict_or_path=config)
+        _cast_params(module, self.precision)
 
     def unwrapped(self):
         return self.module.module

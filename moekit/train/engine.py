@@ -44,6 +44,36 @@ def resolve_mode(config: Distributed, world_size: int) -> str:
     return config.mode
 
 
+SHARDED_MODES = ("fsdp2", "deepspeed")
+_heap_bounded = False
+
+
+def bound_host_heap(mode: str) -> bool:
+    """In a CPU process of a sharded mode, fix glibc malloc's mmap threshold at its initial 128 KiB; returns
+    whether it is fixed. Call it before the model loads: allocations made earlier keep their place.
+
+    glibc raises the threshold (up to 32 MiB) each time a larger mmapped block is freed; FSDP2's per-layer
+    all-gather buffers then come from the heap and stay resident after they are freed, which cost as much as the
+    sharding saved (docs/benchmarks.md "Memory per rank"). A fixed threshold keeps them mmapped and returned at
+    free, as `MALLOC_MMAP_THRESHOLD_=131072` would. Left alone: GPU processes (their buffers are CUDA memory),
+    other C libraries (musl, macOS) and a process started with `MALLOC_MMAP_THRESHOLD_` set.
+    """
+    import ctypes
+    import os
+    import platform
+
+    global _heap_bounded
+    if _heap_bounded:
+        return True
+    if mode not in SHARDED_MODES or torch.cuda.is_available() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_mmap_threshold = -3  # glibc's malloc.h
+    _heap_bounded = ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024) == 1
+    return _heap_bounded
+
+
 def param_groups(module: nn.Module, names: set[str], optimizer: Optimizer) -> list[dict[str, Any]]:
     """AdamW groups over the parameters `names`: weight decay for matrices, none for 1-D tensors unless asked."""
     decay, plain = [], []
@@ -73,6 +103,7 @@ class Engine(abc.ABC):
         self.grad_accum = grad_accum
         self.micro_batch = micro_batch
         self.max_grad_norm = max_grad_norm
+        bound_host_heap(self.mode)  # stage.build_start already did, before loading; here for direct users
         state = process_state()
         self.rank, self.world_size, self.device = state.process_index, state.num_processes, state.device
         self.module: nn.Module | None = None
@@ -241,7 +272,7 @@ class Fsdp2Engine(Engine):
         # Every process must reduce the decoder layers in the same order: FSDP2 hooks a layer's reduction on its
         # inputs, which need gradients even when this process's micro-batch has no trainable part before them.
         hf_model(module.model).enable_input_require_grads()
-        units = _shard_units(module)
+        units = shard_units(module)
         in_units = {id(p) for unit in units for p in unit.parameters()}
         module.touch = {n for n, p in module.named_parameters() if n in trainable and id(p) not in in_units}
         for unit in units:
@@ -281,7 +312,7 @@ class Fsdp2Engine(Engine):
         return state if self.is_main else None
 
 
-def _shard_units(module: nn.Module) -> list[nn.Module]:
+def shard_units(module: nn.Module) -> list[nn.Module]:
     """The decoder layers: FSDP2 gathers them one at a time. The vision tower stays in the root group because
     a process whose micro-batch holds no image or video skips it, and per-block gathers would then deadlock."""
     from moekit.arch import resolve_arch

@@ -46,7 +46,7 @@ class TrainModule(nn.Module):
         # vision tower or a head would otherwise reduce fewer gradients than the others and deadlock.
         self.touch: set[str] = set()
         # Set when the decoder layers are still on the meta device (`train.outputs.load_model(..., sharded=True)`):
-        # the FSDP2 engine fills each process's shard from the checkpoint after wrapping.
+        # the FSDP2 and ZeRO-3 engines fill each process's part from the checkpoint while wrapping.
         self.deferred = vars(hf_model(model)).pop("moekit_deferred", None)
 
     def forward(

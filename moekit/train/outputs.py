@@ -38,9 +38,9 @@ def output_path(stage_dir: Path) -> Path:
 def load_model(path: str | Path, *, where: str, sharded: bool = False) -> nn.Module:
     """A dense transformers model or a moekit MoE model from a local directory, in float32.
 
-    `sharded`: leave the decoder layers on the meta device for the FSDP2 engine to fill with each process's
-    shard (`moekit.modeling.sharded`); the model carries them as `moekit_deferred`. A checkpoint that cannot be
-    read by rows (a conversion that splits or fuses tensors) loads whole, with a warning.
+    `sharded`: leave the decoder layers on the meta device for the FSDP2 or ZeRO-3 engine to fill with each
+    process's part (`moekit.modeling.sharded`); the model carries them as `moekit_deferred`. A checkpoint that
+    cannot be read by rows (a conversion that splits or fuses tensors) loads whole, with a warning.
     """
     from moekit.modeling.load import load_any
 

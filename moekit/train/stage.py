@@ -19,7 +19,7 @@ from moekit.config.provenance import Provenance
 from moekit.recipe.load import Plan, PlannedStage
 from moekit.recipe.schema import Stage, StageRef
 from moekit.train import embeddings
-from moekit.train.engine import make_engine, process_state, resolve_mode
+from moekit.train.engine import bound_host_heap, make_engine, process_state, resolve_mode
 from moekit.train.groups import hf_model
 from moekit.train.loop import EXTRAS, StageRun, train_stage
 from moekit.train.module import TrainModule
@@ -38,6 +38,7 @@ def stage_output(plan: Plan, planned: PlannedStage, name: str) -> Path:
 def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: str) -> tuple[nn.Module, Path]:
     """The model a stage starts from and the directory its tokenizer/processor files come from."""
     start, recipe = planned.stage.start, planned.recipe
+    bound_host_heap(resolve_mode(planned.stage.distributed, process_state().num_processes))  # before loading
     sharded = sharded_load(planned.stage)
     if start.kind == "base":
         return load_model(recipe.base, where=f"{planned.source}: base", sharded=sharded), Path(recipe.base)
@@ -64,11 +65,12 @@ def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: s
 
 
 def sharded_load(stage: Stage) -> bool:
-    """Whether each process reads only its shard of the starting model's decoder layers: under FSDP2 unless
-    `distributed.load: whole`, and not with LoRA (peft would add its weights to layers still on the meta
-    device). An upcycle step always builds from the whole dense model."""
+    """Whether each process reads only its shard of the starting model's decoder layers: under FSDP2 and
+    ZeRO-3 unless `distributed.load: whole`, and not with LoRA (peft would add its weights to layers still on
+    the meta device). An upcycle step always builds from the whole dense model."""
     mode = resolve_mode(stage.distributed, process_state().num_processes)
-    return mode == "fsdp2" and stage.distributed.load == "auto" and stage.lora is None
+    partitions = mode == "fsdp2" or (mode == "deepspeed" and stage.distributed.zero_stage == 3)
+    return partitions and stage.distributed.load == "auto" and stage.lora is None
 
 
 def _ref_path(plan: Plan, planned: PlannedStage, ref: str | StageRef) -> Path:
