@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
 
-.PHONY: install demo test test-all lint format bench-moe bench-convert bench-serve bench-generate bench-lmms bench-startup clean
+.PHONY: install demo test test-all lint format gpu-wheels bench-moe bench-convert bench-serve bench-generate bench-lmms bench-startup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ bench-convert: $(STAMP)
 # plug-in, each in its own venv under bench/out/serve (made on first use; ~20 min then). docs/serving.md.
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve_check.py --json bench/out/serve/results.json
+
+# The wheels a bare GPU image may lack (Python 3.12), for bench/gpu_checks.sh there: the pinned transformers and
+# huggingface_hub, pydantic. Into .whl/ (ignored); the script installs them first when the folder is there.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  transformers==5.23.0 huggingface_hub==2.4.0 tokenizers==0.23.3 pydantic==2.14.4 pydantic_core==2.50.5 \
+	  annotated-types==0.8.0 typing-inspection==0.4.5
 
 lint: $(STAMP)
 	$(BIN)/ruff check moekit plugins tests bench examples

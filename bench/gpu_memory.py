@@ -1,0 +1,148 @@
+"""GPU memory of one FSDP2 training step in bf16 (issue 15, part of `bench/gpu_checks.sh`).
+
+An upcycled Qwen2.5-VL MoE (bench/memory_rank.py's model, `--layers` decoder layers, hidden `--hidden`) runs one
+FSDP2 step training every parameter under `precision: bf16` (fp32 master weights, bf16 compute), on every GPU of
+the machine (torchrun, nccl), once loading whole (`distributed.load: whole`) and once by shards (the default).
+Per rank it records the peak GPU memory (`torch.cuda.max_memory_allocated`) and the host peak RSS, against the
+fp32 model size. With one GPU both loads hold the whole model on it (FSDP2 has one shard), so the figure there
+checks what one GPU holds for a step (fp32 weights, gradients, AdamW state, bf16 copies, activations), not the
+saving; the host RSS still shows the loading path.
+
+    python bench/gpu_memory.py --json runs/gpu_memory.json          # on a CUDA machine
+    python bench/gpu_memory.py --device cpu --layers 2 --hidden 64   # the same code path on CPU (gloo), a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_rank import vm_hwm  # noqa: E402  (a sibling script, not a package)
+
+CANDIDATES = {"whole": ["stages[0].distributed.load=whole"], "sharded": []}
+
+
+def write_model(out: Path, layers: int, hidden: int) -> int:
+    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, top-2) in fp32 safetensors; returns its weight bytes."""
+    import torch
+    import transformers
+
+    import moekit
+    from moekit.demo.tiny import tiny_config
+
+    data = tiny_config("qwen2_5_vl").to_dict()
+    text = data["text_config"]
+    heads = max(hidden // 64, 1)
+    text.update(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+    text.pop("layer_types", None)
+    text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
+    data["vision_config"]["out_hidden_size"] = hidden
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**data)).float()
+    moe = moekit.upcycle(model, moekit.UpcycleSpec(layers="full", num_experts=4, top_k=2))
+    moe.save_pretrained(out)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def write_recipe(root: Path, model: Path) -> Path:
+    stage = {
+        "name": "moe",
+        "from": {"path": str(model)},
+        "data_source": "tiny",
+        "data_params": {"kinds": ["text"], "num_samples": 8},
+        "trainable": ["all"],
+        "optimizer": {"lr": 1e-4},
+        "schedule": {"kind": "constant"},
+        "precision": "bf16",
+        "steps": 1,
+        "distributed": {"mode": "fsdp2"},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"base": str(model), "output_dir": str(root / "runs"), "stages": [stage]}))
+    return path
+
+
+def worker(candidate: str, recipe: str, out: str) -> None:
+    """One torchrun process: the stage, measured just before it would write its output (the write is skipped)."""
+    import torch
+
+    import moekit.train.stage as stage_module
+    from moekit.pipeline import run_plan
+    from moekit.recipe import load_plan
+
+    peak: dict[str, int] = {}
+
+    def measured(planned, *args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            peak["gpu"] = torch.cuda.max_memory_allocated()
+        peak["rss"] = vm_hwm()
+        return planned.output_dir
+
+    stage_module.write_output = measured
+    run_plan(load_plan(recipe, [f"output_dir={out}/{candidate}", *CANDIDATES[candidate]]))
+    rank = int(os.environ.get("RANK", "0"))
+    Path(out, f"{candidate}-{rank}.json").write_text(json.dumps(peak))
+
+
+def launch(candidate: str, root: Path, processes: int) -> list[dict[str, int]]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    args = [__file__, "--worker", candidate, str(root / "recipe.yaml"), str(root)]
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode:
+        raise SystemExit(f"{candidate} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return [json.loads(Path(root, f"{candidate}-{r}.json").read_text()) for r in range(processes)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--worker", nargs=3, metavar=("CANDIDATE", "RECIPE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; --device cpu runs the same code path on CPU processes")
+    processes = torch.cuda.device_count() if args.device == "cuda" else 2
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        size = write_model(root / "model", args.layers, args.hidden)
+        write_recipe(root, root / "model")
+        results = {c: launch(c, root, processes) for c in CANDIDATES}
+    gib = 2**30
+    print(f"fp32 model {size / gib:.2f} GiB, {processes} process(es), one bf16 FSDP2 step training every parameter")
+    print("| load | rank | peak GPU GiB | GPU / fp32 model | peak host RSS GiB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for candidate, ranks in results.items():
+        for rank, peak in enumerate(ranks):
+            gpu = peak.get("gpu")
+            shown = ("-", "-") if gpu is None else (f"{gpu / gib:.2f}", f"{gpu / size:.2f}x")
+            print(f"| {candidate} | {rank} | {shown[0]} | {shown[1]} | {peak['rss'] / gib:.2f} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model_bytes": size, "processes": processes, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
