@@ -25,54 +25,17 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_rank import vm_hwm  # noqa: E402  (a sibling script, not a package)
+import memory_rank  # noqa: E402  (a sibling script, not a package)
 
 CANDIDATES = {"whole": ["stages[0].distributed.load=whole"], "sharded": []}
 
 
-def write_model(out: Path, layers: int, hidden: int) -> int:
-    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, top-2) in fp32 safetensors; returns its weight bytes."""
-    import torch
-    import transformers
-
-    import moekit
-    from moekit.demo.tiny import tiny_config
-
-    data = tiny_config("qwen2_5_vl").to_dict()
-    text = data["text_config"]
-    heads = max(hidden // 64, 1)
-    text.update(
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-    )
-    text.pop("layer_types", None)
-    text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
-    data["vision_config"]["out_hidden_size"] = hidden
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**data)).float()
-    moe = moekit.upcycle(model, moekit.UpcycleSpec(layers="full", num_experts=4, top_k=2))
-    moe.save_pretrained(out)
-    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
-
-
 def write_recipe(root: Path, model: Path) -> Path:
-    stage = {
-        "name": "moe",
-        "from": {"path": str(model)},
-        "data_source": "tiny",
-        "data_params": {"kinds": ["text"], "num_samples": 8},
-        "trainable": ["all"],
-        "optimizer": {"lr": 1e-4},
-        "schedule": {"kind": "constant"},
-        "precision": "bf16",
-        "steps": 1,
-        "distributed": {"mode": "fsdp2"},
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"base": str(model), "output_dir": str(root / "runs"), "stages": [stage]}))
+    """bench/memory_rank.py's FSDP2 stage, training every parameter in bf16."""
+    path = memory_rank.write_recipe(root, model)
+    data = yaml.safe_load(path.read_text())
+    data["stages"][0].update(trainable=["all"], precision="bf16", data_params={"kinds": ["text"], "num_samples": 8})
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -90,7 +53,7 @@ def worker(candidate: str, recipe: str, out: str) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             peak["gpu"] = torch.cuda.max_memory_allocated()
-        peak["rss"] = vm_hwm()
+        peak["rss"] = memory_rank.vm_hwm()
         return planned.output_dir
 
     stage_module.write_output = measured
@@ -103,7 +66,7 @@ def launch(candidate: str, root: Path, processes: int) -> list[dict[str, int]]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    args = [__file__, "--worker", candidate, str(root / "recipe.yaml"), str(root)]
+    args = [__file__, "--worker", candidate, str(root / "model.yaml"), str(root)]
     result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode:
         raise SystemExit(f"{candidate} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -127,7 +90,7 @@ def main() -> None:
     processes = torch.cuda.device_count() if args.device == "cuda" else 2
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        size = write_model(root / "model", args.layers, args.hidden)
+        size = memory_rank.write_model(root / "model", args.layers, args.hidden)
         write_recipe(root, root / "model")
         results = {c: launch(c, root, processes) for c in CANDIDATES}
     gib = 2**30

@@ -60,8 +60,8 @@ def vm_hwm() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def write_model(out: Path, layers: int) -> int:
-    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts) in fp32 safetensors; returns its weight bytes."""
+def write_model(out: Path, layers: int, hidden: int = 256) -> int:
+    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, head dim 64) in fp32 safetensors; returns its weight bytes."""
     import torch
     import transformers
 
@@ -70,10 +70,12 @@ def write_model(out: Path, layers: int) -> int:
 
     data = tiny_config("qwen2_5_vl").to_dict()
     text = data["text_config"]
-    text.update(hidden_size=256, intermediate_size=768, num_hidden_layers=layers)
+    text.update(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64
+    )
     text.pop("layer_types", None)
     text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
-    data["vision_config"]["out_hidden_size"] = 256
+    data["vision_config"]["out_hidden_size"] = hidden
     config = transformers.Qwen2_5_VLConfig(**data)
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).float()
