@@ -52,6 +52,20 @@ class KeyNames:
         """Names to look for: the saved name (or the parts a split writes, e.g. q/k/v convolutions), then `key`."""
         return [n for n in self._saved(key) if n != key] + [key]
 
+    def merged(self, keys: list[str]) -> list[str] | None:
+        """When saving merges module-path `keys` into one tensor (Chunk on dim 0: HRM-text's `gate_up_proj`,
+        Molmo2's `ff_proj`), `keys` in the order the saved tensor holds them; else None. Found by reverting one
+        tiny tensor per key, each filled with its index."""
+        if len(keys) < 2 or self._probe is None or len({self.saved(k) for k in keys}) != 1:
+            return None
+        state = {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
+        try:
+            (merged,) = revert_weight_conversion(self._probe, state).values()
+        except (IndexError, RuntimeError, ValueError):
+            return None
+        order = [int(v) for v in merged.flatten().tolist()]
+        return [keys[i] for i in order] if sorted(order) == list(range(len(keys))) else None
+
     def find(self, key: str, available) -> str | None:
         """The name under which `available` (a set/reader) holds module-path `key`, or None."""
         return next((c for c in self.candidates(key) if c in available), None)

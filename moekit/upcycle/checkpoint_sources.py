@@ -34,13 +34,20 @@ class CheckpointSource:
         return found
 
     def ffn_keys(self, layer: int, required: bool = True) -> dict[str, list[str]]:
-        """Checkpoint keys of layer `layer`'s FFN, per fused tensor (biases only when present)."""
+        """Checkpoint keys of layer `layer`'s FFN, per fused tensor (biases only when present). Gate and up saved
+        as one merged tensor are one key (`swapped` says whether it holds up before gate)."""
         out = {}
         for name, module_keys in ffn_state_keys(self.adapter.ffn, self.adapter.ffn_prefix(layer)).items():
             keys = [self.key(k, required=required and name in ("up", "down")) for k in module_keys]
             if all(k is not None for k in keys):
-                out[name] = keys
+                out[name] = keys[:1] if len(set(keys)) == 1 else keys
         return out
+
+    def swapped(self, layer: int, name: str = "up") -> bool:
+        """True when the checkpoint merges the FFN's gate and up into one tensor with up first (Molmo2)."""
+        module_keys = ffn_state_keys(self.adapter.ffn, self.adapter.ffn_prefix(layer))[name]
+        order = self.names.merged(module_keys)
+        return order is not None and order != module_keys
 
     def layout(self, layer: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shapes and dtypes of the fused tensors, from headers only."""
@@ -50,6 +57,9 @@ class CheckpointSource:
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         parts = {name: [self.reader.get(k) for k in keys] for name, keys in self.ffn_keys(layer).items()}
+        for name in ("up", "up_bias"):
+            if name in parts and len(parts[name]) == 1 and self.swapped(layer, name):
+                parts[name] = [torch.cat(parts[name][0].chunk(2, 0)[::-1], 0)]  # gate rows first, as moekit fuses
         return fuse_state(self.adapter.ffn, parts)
 
 

@@ -104,11 +104,16 @@ class _Plan:
         meta = self.adapter.ffn_module(self.dense, layer)
         prefix = self.adapter.ffn_prefix(layer)
         state = {}
-        for name in meta.state_dict():
+        names = list(meta.state_dict())
+        for name in names:
             key = self.names.find(f"{prefix}.{name}", self.base)
             if key is None:
                 raise CheckpointError(f"base ({self.base_dir}): no tensor for {prefix}.{name}")
             state[name] = self.base.get(key)
+            siblings = [f"{prefix}.{n}" for n in names if self.names.find(f"{prefix}.{n}", self.base) == key]
+            order = self.names.merged(siblings)
+            if order is not None:  # saved merged with its siblings (a fused gate_up): its own chunk
+                state[name] = state[name].chunk(len(order), 0)[order.index(f"{prefix}.{name}")]
         ffn = copy.deepcopy(meta).to_empty(device="cpu")
         dtype = next(iter(state.values())).dtype
         ffn.to(dtype).load_state_dict(state)
