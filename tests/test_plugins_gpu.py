@@ -40,3 +40,24 @@ def test_position_encoders_and_synergy_head_on_cuda_bf16():
     units = torch.tensor([[0, 1, 1, 0]], device="cuda")
     cos, sin = rope.cos_sin(rope.index(units, [[(1, 2)]]))
     assert cos.device.type == "cuda" and rope.mask(units).device.type == "cuda"
+
+
+def test_cta_head_attached_on_cpu_follows_the_model_to_cuda():
+    """`open_model_dir` attaches the head on the CPU; a later `model.to("cuda")` must not leave it behind."""
+    from moekit.demo.tiny import tiny_inputs as inputs
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen2_5_vl")
+    head = registry.registry().build(
+        "synergy_head", "vidllm_cta", {"num_bridge": 3, "width": 8, "heads": 1, "layer": 1}
+    )
+    head.prepare(model)
+    with torch.no_grad():
+        head.to_llm.weight.normal_()  # a trained feed-back: the head changes the logits
+    batch = inputs("qwen2_5_vl", "image", seed=3)
+    with torch.no_grad():
+        on_cpu = model(**batch).logits
+        model.to("cuda")
+        on_cuda = model(**{k: v.to("cuda") for k, v in batch.items()}).logits
+    assert head.bridge.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=2e-2, atol=2e-2)  # cuDNN convolutions may use TF32

@@ -135,7 +135,11 @@ class CrossTaskHead(nn.Module):
 
     def _run(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The layer hook: adapt the visual tokens; in training keep the streams for the losses; add
-        to_llm(T'_lang) to the visual tokens' hidden states (feedback) so the next layers read it."""
+        to_llm(T'_lang) to the visual tokens' hidden states (feedback) so the next layers read it. The head
+        follows the hidden states to their device: a model moved after the head was attached (`open_model_dir`,
+        then `model.to("cuda")`) moves it too."""
+        if self.bridge.device != hidden.device:
+            self.to(hidden.device)
         visual = self.visual_mask(input_ids)
         tokens, padding = self.pack(hidden, visual)
         geom, lang = self.adapt(tokens.to(self.bridge.dtype), padding)
