@@ -20,7 +20,8 @@ nothing checked out) and compares its output with this tree's byte for byte.
 from __future__ import annotations
 
 import argparse
-import filecmp
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -114,17 +115,21 @@ CONVERSION_FILES = (
 GOAL = 0.8  # of cp -r's throughput (issue 15)
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+def run_measured(cmd: list[str], env: dict | None = None, output: Path | None = None) -> dict:
     """Wall time, peak RssAnon and peak RSS of a subprocess (polled from /proc every 20 ms), then the time of the
-    `sync` that puts what it wrote on the disk."""
+    `sync` that puts what it wrote on the disk. With `output`, also when the first tensor bytes appeared in its
+    staging folder (`.NAME.*` beside it, where moekit writes before the rename): what comes before is start-up
+    (imports, planning, the function-preservation probes), what comes after is streaming."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak = {"anon": 0, "rss": 0}
+    peak = {"anon": 0, "rss": 0, "first_byte": None}
 
     def poll():
         status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
+            if output is not None and peak["first_byte"] is None and _staged_bytes(output) > FIRST_BYTES:
+                peak["first_byte"] = time.perf_counter() - start
             try:
                 fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
                 peak["anon"] = max(peak["anon"], int(fields["RssAnon"].split()[0]) * 1024)
@@ -146,7 +151,24 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
         "disk_seconds": time.perf_counter() - start,
         "peak_anon": peak["anon"],
         "peak_rss": peak["rss"],
+        "first_byte": peak["first_byte"],
     }
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+FIRST_BYTES = 1 << 20  # more than any header: tensor data is being written
+
+
+def _staged_bytes(output: Path) -> int:
+    total = 0
+    for folder in output.parent.glob(f".{output.name}.*"):
+        for file in folder.glob("*.safetensors"):
+            with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+                total += file.stat().st_size
+    return total
 
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -195,12 +217,15 @@ def baseline_package(ref: str, into: Path) -> Path:
     return into
 
 
-def same_bytes(a: Path, b: Path) -> bool:
-    """Whether two outputs hold the same weight files and index, byte for byte."""
-    names = sorted(p.name for p in a.iterdir() if p.name.endswith((".safetensors", ".index.json")))
-    if names != sorted(p.name for p in b.iterdir() if p.name.endswith((".safetensors", ".index.json"))):
-        return False
-    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+def digest(out: Path) -> dict[str, str]:
+    """sha256 of every weight file and the index of an output: two outputs compare byte for byte through these
+    without both being on the disk at once (a 10 GB output, twice, plus its `cp -r`)."""
+    sums = {}
+    for path in sorted(out.iterdir()):
+        if path.name.endswith((".safetensors", ".index.json")):
+            with open(path, "rb") as fh:
+                sums[path.name] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return sums
 
 
 def medians(results: list[dict]) -> list[dict]:
@@ -212,8 +237,9 @@ def medians(results: list[dict]) -> list[dict]:
     for (tool, layout), rows in groups.items():
         row = {"tool": tool, "layout": layout, "n": len(rows)}
         for key in rows[0]:
+            values = [r[key] for r in rows if r[key] is not None]
             if key not in row:
-                row[key] = statistics.median(r[key] for r in rows)
+                row[key] = statistics.median(values) if values else None
         out.append(row)
     return out
 
@@ -304,6 +330,11 @@ def main() -> None:
                 "vs_cp_disk": cp["disk_seconds"] / stats["disk_seconds"],
                 "peak_anon_gb": stats["peak_anon"] / 1e9,
                 "peak_rss_gb": stats["peak_rss"] / 1e9,
+                # seconds before the first tensor byte, and the streaming part's rate against cp -r's
+                "first_byte_s": stats.get("first_byte"),
+                "stream_vs_cp": None
+                if stats.get("first_byte") is None
+                else cp["seconds"] / max(stats["seconds"] - stats["first_byte"], 1e-9),
             }
         )
         print(results[-1], flush=True)
@@ -318,17 +349,14 @@ def main() -> None:
                 out = work / f"out-{len(outs)}"
                 warm(inputs)
                 upcycle = [*cmd, "upcycle", "--base", str(inputs / "base"), *experts, "--layers", layout]
-                stats = run_measured([*upcycle, "--top-k", "2", "-o", str(out), "--quiet"], env)
+                stats = run_measured([*upcycle, "--top-k", "2", "-o", str(out), "--quiet"], env, output=out)
                 record(label, layout, out, stats)
-                if layout in identical or len(tools) == 1:
-                    shutil.rmtree(out)
-                else:
-                    outs[label] = out
+                if layout not in identical and len(tools) == 2:
+                    outs[label] = digest(out)
+                shutil.rmtree(out)
             if len(outs) == 2:
-                identical[layout] = same_bytes(*outs.values())
+                identical[layout] = len(set(map(str, outs.values()))) == 1
                 print(f"{layout}: outputs byte-identical: {identical[layout]}", flush=True)
-                for out in outs.values():
-                    shutil.rmtree(out)
     if args.mergekit_bin:
         for name in names:
             full_specialist(work / f"{name}-full", inputs / "base", inputs / name, config)
@@ -382,13 +410,15 @@ def main() -> None:
         f"{expert_bytes / 1e9:.2f} GB; {args.repeats} interleaved repeat(s), medians"
     )
     print(
-        "| tool | layout | output GB | wall s | cp -r s | vs cp | wall+sync s | cp -r+sync s | vs cp (disk) | peak RssAnon GB | peak RSS GB |"
+        "| tool | layout | output GB | wall s | cp -r s | vs cp | wall+sync s | cp -r+sync s | vs cp (disk) "
+        "| first byte s | streaming vs cp | peak RssAnon GB | peak RSS GB |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['tool']} | {r['layout']} | {r['output_gb']:.2f} | {r['seconds']:.1f} | {r['cp_seconds']:.1f} | "
             f"{r['vs_cp']:.2f} | {r['disk_seconds']:.1f} | {r['cp_disk_seconds']:.1f} | {r['vs_cp_disk']:.2f} | "
+            f"{_fmt(r.get('first_byte_s'), 1)} | {_fmt(r.get('stream_vs_cp'), 2)} | "
             f"{r['peak_anon_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
         )
     print()
@@ -402,6 +432,11 @@ def main() -> None:
             f"verdict {r['layout']}: throughput {r['vs_cp']:.2f} of cp -r (to the disk {r['vs_cp_disk']:.2f}), goal "
             f">= {GOAL}: {speed}; peak RssAnon {r['peak_anon_gb']:.2f} GB <= {heap_goal / 1e9:.2f} GB: {heap}"
         )
+        if r.get("first_byte_s") is not None:
+            print(
+                f"  where: {r['first_byte_s']:.1f} s of start-up before the first tensor byte, then streaming at "
+                f"{r['stream_vs_cp']:.2f} of cp -r's rate"
+            )
     for layout, same in identical.items():
         print(f"verdict {layout}: output byte-identical to {args.baseline}'s: {'yes' if same else 'NO'}")
     if args.json:
