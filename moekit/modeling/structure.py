@@ -28,9 +28,13 @@ def guard_key(record: MoeRecord) -> str:
 
 
 def guard_pattern(record: MoeRecord) -> str:
-    """Regex matching the guard key under any of the family's key renamings (legacy prefixes)."""
-    tail = guard_key(record).split(".")[-5:]  # layers.<i>.<mlp>.<proj>.weight
-    return r"(^|\.)" + re.escape(".".join(tail)) + "$"
+    """Regex matching the guard key under any of the family's key renamings (legacy prefixes), and its sibling
+    projection: a family whose checkpoints merge gate and up (HRM-text, Molmo2) saves the guard merged and splits
+    it again on loading, into both names."""
+    layers, index, mlp, _, weight = guard_key(record).split(".")[-5:]  # layers.<i>.<mlp>.<proj>.weight
+    ffn = ArchAdapter.from_record(record).ffn
+    projections = "|".join(re.escape(p) for p in dict.fromkeys(p for p in (ffn.gate, ffn.up) if p))
+    return r"(^|\.)" + re.escape(f"{layers}.{index}.{mlp}.") + f"({projections})" + re.escape(f".{weight}") + "$"
 
 
 def new_context(record: MoeRecord, requested: str | None = None) -> MoeContext:
