@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
@@ -72,3 +73,45 @@ def test_an_accepted_change_is_applied_and_recorded(crashed):
     record = read_provenance(stage_dir / "model")
     assert record.steps == 4
     assert record.resumed == [{"step": 2, "checkpoint": "step-00000002", "accepted": {"steps": [3, 4]}}]
+
+
+def _drop_from_checkpoint(stage_dir, *fields):
+    """The checkpoint as an older moekit wrote it: its recipe lacks `fields` (added to the schema since)."""
+    path = stage_dir / "checkpoints" / "step-00000002" / "trainer.pt"
+    trainer = torch.load(path, weights_only=True)
+    for name in fields:
+        del trainer["recipe"][name]
+    torch.save(trainer, path)
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(crashed):
+    recipe, stage_dir = crashed
+    saved = torch.load(stage_dir / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=True)["recipe"]
+    assert saved["seed"] == 0  # the schema's default
+    _drop_from_checkpoint(stage_dir, "seed")
+    run(recipe, resume=True)
+    assert losses(stage_dir, "step") == [1, 2, 3]
+
+
+def test_a_missing_field_that_differs_from_its_default_is_still_refused(crashed):
+    recipe, stage_dir = crashed
+    _drop_from_checkpoint(stage_dir, "seed")
+    with pytest.raises(ValueError, match="was written by a different recipe") as info:
+        run(recipe, "stages[0].seed=1", resume=True)
+    assert "stages[0].seed: 0 in the checkpoint, 1 now" in str(info.value)  # the old recipe meant the default
+
+
+def test_saved_fields_unflatten_to_the_stage_they_came_from(tiny_base, tmp_path):
+    from moekit.recipe import load_plan
+    from moekit.train.checkpoint import _flat, _unflat, training_fields
+
+    phases = [
+        {"name": "a", "steps": 1, "trainable": ["projector"]},
+        {"name": "b", "steps": 2, "trainable": ["projector"]},
+    ]
+    plan = load_plan(write_recipe(tmp_path, tiny_base, [stage("s", steps=3, phases=phases)]))
+    model = plan.stages[0].stage
+    data = model.model_dump(mode="json", by_alias=True)
+    assert _unflat(_flat(data)) == data
+    assert type(model).model_validate(_unflat(_flat(data))) == model
+    assert training_fields(model)["phases[1].steps"] == 2

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import random
+import re
 import shutil
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,49 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(item, f"{prefix}[{index}]"))
         return out
     return {prefix: data}
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def _unflat(fields: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `_flat`: `{"optimizer.lr": 0.01, "phases[1].steps": 5}` -> nested dicts and lists."""
+    root: dict[str, Any] = {}
+    for path, value in fields.items():
+        steps: list[str | int] = []
+        for part in path.split("."):
+            match = _PATH_PART.fullmatch(part)
+            if match is None:
+                raise ValueError(f"not a recipe path: {path!r}")
+            steps.append(match.group(1))
+            steps.extend(int(i) for i in re.findall(r"\d+", match.group(2)))
+        node: Any = root
+        for step, following in zip(steps, steps[1:]):
+            empty: Any = [] if isinstance(following, int) else {}
+            if isinstance(step, int):
+                node.extend(None for _ in range(step + 1 - len(node)))
+                node[step] = empty if node[step] is None else node[step]
+            else:
+                node.setdefault(step, empty)
+            node = node[step]
+        if isinstance(steps[-1], int):
+            node.extend(None for _ in range(steps[-1] + 1 - len(node)))
+        node[steps[-1]] = value
+    return root
+
+
+def saved_under_schema(saved: dict[str, Any], stage: Any) -> dict[str, Any]:
+    """A checkpoint's `training_fields` as this moekit's schema reads them: a field added since the checkpoint
+    was written is filled with its default (which is what the old recipe meant), so resuming after an upgrade is
+    not refused for it. `saved` as it is when it no longer validates (a field renamed or removed): the refusal
+    then names what differs."""
+    try:
+        data = _unflat(saved)
+        dumped = stage.model_dump(mode="json", by_alias=True)
+        data.update({k: v for k, v in dumped.items() if k in OPERATIONAL})
+        return training_fields(type(stage).model_validate(data))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # pydantic's ValidationError included
+        return saved
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -231,12 +275,17 @@ def load_checkpoint(
     recipe: dict[str, Any] | None = None,
     accept: tuple[str, ...] = (),
     where: str = "stage",
+    stage: Any = None,
 ) -> Position:
     """Restore model, optimizer, schedule and RNG from `path`; the process layout must match the one saved and
-    the recipe (`training_fields`) too, except for accepted fields (recorded in the position's `resumes`)."""
+    the recipe (`training_fields`) too, except for accepted fields (recorded in the position's `resumes`). With
+    `stage` (the recipe's stage model), the saved recipe is read under today's schema first (`saved_under_schema`)."""
     trainer = torch.load(path / "trainer.pt", weights_only=True)
     position = Position(**trainer["position"])
-    accepted = check_recipe(path, trainer.get("recipe"), recipe, accept, where) if recipe is not None else {}
+    saved = trainer.get("recipe")
+    if saved is not None and stage is not None:
+        saved = saved_under_schema(saved, stage)
+    accepted = check_recipe(path, saved, recipe, accept, where) if recipe is not None else {}
     layout = ("world_size", "batch_size", "grad_accum")
     if any(getattr(position, k) != getattr(expected, k) for k in layout):
         saved = ", ".join(f"{k}={getattr(position, k)}" for k in layout)

@@ -136,7 +136,7 @@ def train_stage(run: StageRun) -> Position:
     recipe = training_fields(stage)
     checkpoint = latest_checkpoint(run.stage_dir) if run.resume else None
     if checkpoint is not None:
-        position = load_checkpoint(engine, checkpoint, position, recipe, run.accept_changes, run.where)
+        position = load_checkpoint(engine, checkpoint, position, recipe, run.accept_changes, run.where, stage)
         if position.step > total:
             raise ValueError(
                 f"{run.where}.steps: the stage now has {total} steps, fewer than its checkpoint's {position.step} "
