@@ -304,3 +304,27 @@ def test_a_later_stage_starts_from_the_trained_head_or_refuses_to_drop_it(cta_ru
     recipe.with_name("three.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match=r"stages\[1\]\.losses\.synergy: .* trained with synergy head 'vidllm_cta'"):
         run(recipe.with_name("three.yaml"), resume=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_cta_under_ddp_and_fsdp2_matches_one_process(cta_run, mode):
+    """The head runs inside a decoder layer that FSDP2 shards (its own parameters are the root's): two
+    processes with one video each train it as one process does with both."""
+    from .test_train_distributed import compare_runs, torchrun
+
+    tmp, recipe, _ = cta_run
+    # Adam's first step is lr * sign(g): a large eps keeps float noise on near-zero gradients from flipping steps.
+    eps = "stages[0].optimizer.eps=0.001"
+    (one,) = run(recipe, f"output_dir={tmp / f'one-{mode}'}", eps)
+    two = tmp / f"two-{mode}"
+    overrides = [f"output_dir={two}", eps, "stages[0].batch_size=1", f"stages[0].distributed.mode={mode}"]
+    torchrun("run", str(recipe), *(arg for o in overrides for arg in ("--set", o)))
+    compare_runs(two, tmp / f"one-{mode}", ["cta"])
+    for term in TERMS:
+        key = f"loss/vidllm_cta/{term}"
+        assert losses(two / "cta", key) == pytest.approx(losses(tmp / f"one-{mode}" / "cta", key), rel=1e-4)
+    trained = open_model_dir(two / "cta" / "model").heads["vidllm_cta"]
+    reference = open_model_dir(one).heads["vidllm_cta"]
+    for (name, a), b in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
