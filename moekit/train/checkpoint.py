@@ -282,10 +282,10 @@ def load_checkpoint(
     `stage` (the recipe's stage model), the saved recipe is read under today's schema first (`saved_under_schema`)."""
     trainer = torch.load(path / "trainer.pt", weights_only=True)
     position = Position(**trainer["position"])
-    saved = trainer.get("recipe")
-    if saved is not None and stage is not None:
-        saved = saved_under_schema(saved, stage)
-    accepted = check_recipe(path, saved, recipe, accept, where) if recipe is not None else {}
+    saved_recipe = trainer.get("recipe")
+    if saved_recipe is not None and stage is not None:
+        saved_recipe = saved_under_schema(saved_recipe, stage)
+    accepted = check_recipe(path, saved_recipe, recipe, accept, where) if recipe is not None else {}
     layout = ("world_size", "batch_size", "grad_accum")
     if any(getattr(position, k) != getattr(expected, k) for k in layout):
         saved = ", ".join(f"{k}={getattr(position, k)}" for k in layout)
