@@ -1,4 +1,4 @@
-"""NEO-ov native RoPE wired into Qwen2.5-VL: the mask and rotations the model really uses against eq. 2-4 and 7
+"""NEO-ov native RoPE wired into Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the mask and rotations the model really uses against eq. 2-4 and 7
 worked by hand, a recipe stage that trains with it, and its save/load round trip."""
 
 import json
@@ -40,12 +40,15 @@ def rotate_by_hand(x, position, theta):
     return out
 
 
-@pytest.fixture
-def captured():
-    """A tiny Qwen2.5-VL with NEO attached (random H/W keys) and, for one forward on [text, image of 2x2 units,
-    text], what layer 0 got: its hidden states and the query, key and mask passed to the attention kernel."""
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+
+
+@pytest.fixture(params=FAMILIES)
+def captured(request):
+    """A tiny model of each family with NEO attached (random H/W keys) and, for one forward on [text, an image of
+    2x2 units, text], what layer 0 got: its hidden states and the query, key and mask passed to the attention kernel."""
     torch.manual_seed(0)
-    model = tiny_model("qwen2_5_vl").eval()
+    model = tiny_model(request.param).eval()
     encoder = neo(model, head_dim_h=4, head_dim_w=4)
     for k in encoder.k_hw:
         torch.nn.init.normal_(k.weight, std=0.5)
@@ -62,7 +65,7 @@ def captured():
     hook = attention.register_forward_pre_hook(
         lambda m, a, kw: seen.update(hidden=kw["hidden_states"]), with_kwargs=True
     )
-    batch = tiny_inputs("qwen2_5_vl", "image", text_len=4)
+    batch = tiny_inputs(request.param, "image", text_len=4)
     with torch.no_grad():
         model(**batch)
     hook.remove()
@@ -96,7 +99,10 @@ def test_queries_and_keys_are_rotated_as_eq_2_4_say(captured):
             ("q", attention.q_proj, encoder.q_hw[0], seen["query"]),
             ("k", attention.k_proj, encoder.k_hw[0], seen["key"]),
         ):
-            raw_t, raw_hw = proj(hidden[i]).detach()[:8], hw(hidden[i]).detach()[:8]  # head 0
+            raw_t = proj(hidden[i]).detach().view(-1, 8)  # [heads, head_dim]
+            norm = getattr(attention, f"{kind}_norm", None)  # Qwen3-VL normalises each head before its RoPE
+            raw_t = (raw_t if norm is None else norm(raw_t).detach())[0]  # head 0
+            raw_hw = hw(hidden[i]).detach()[:8]  # the new H/W channels: no norm (see docs/fidelity.md)
             want = torch.cat(
                 [
                     rotate_by_hand(raw_t, t[i], theta_t),
@@ -119,12 +125,34 @@ def test_units_are_images_and_video_temporal_patches_in_sequence_order():
         visual_units(ids, {"image": 5, "video": 6}, {**grids, "image": torch.tensor([[1, 2, 4]] * 3)}, merge=2)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_video_is_one_unit_per_temporal_patch_in_each_family(family):
+    """The model's own video tokens (Qwen3-VL wraps each temporal patch in its own start/end pair) give one unit
+    per temporal patch of 2x2 merged tokens, each attended to both ways inside, causally across."""
+    model = tiny_model(family).eval()
+    encoder = neo(model, head_dim_h=4, head_dim_w=4)
+    batch = tiny_inputs(family, "video")
+    video = model.config.video_token_id
+    units, grids = encoder.layout(batch["input_ids"], None, batch["video_grid_thw"])
+    ids = batch["input_ids"][0]
+    assert grids == [[(2, 2), (2, 2)]]  # grid (2, 4, 4) in patches, merge 2: two temporal patches of 2x2
+    assert (units[0] > 0).tolist() == (ids == video).tolist()
+    assert units[0][ids == video].tolist() == [1] * 4 + [2] * 4
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    allowed = encoder._state[2][0, 0]
+    first, second = (ids == video).nonzero().flatten().view(2, 4)
+    assert allowed[first[0], first[-1]] and allowed[second[0], second[-1]]  # bidirectional inside a unit
+    assert allowed[second[0], first[-1]] and not allowed[first[0], second[-1]]  # causal across units
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "upcycled"])
-def test_text_is_the_pretrained_model_until_the_keys_train(moe):
-    model = tiny_model("qwen2_5_vl").eval()
+def test_text_is_the_pretrained_model_until_the_keys_train(moe, family):
+    model = tiny_model(family).eval()
     if moe:
         model = moekit.upcycle(model, moekit.UpcycleSpec(base="tiny", layers="full", num_experts=2, top_k=1)).eval()
-    text, image = tiny_inputs("qwen2_5_vl", "text"), tiny_inputs("qwen2_5_vl", "image")
+    text, image = tiny_inputs(family, "text"), tiny_inputs(family, "image")
     with torch.no_grad():
         plain_text, plain_image = model(**text).logits, model(**image).logits
         encoder = neo(model, head_dim_h=4, head_dim_w=4)
@@ -153,7 +181,8 @@ def test_eager_attention_gets_the_same_mask_in_its_additive_form():
 
 def test_wrong_families_settings_and_cached_decoding_are_refused():
     with pytest.raises(
-        ValueError, match=r"stages\[0\]\.position_encoders\[0\]: neo_native_rope is wired into qwen2_5_vl only.*'llava'"
+        ValueError,
+        match=r"stages\[0\]\.position_encoders\[0\]: neo_native_rope is wired into qwen2_5_vl, qwen2_vl, qwen3_vl only.*'llava'",
     ):
         build_encoders([NEO], tiny_model("llava"), "stages[0].position_encoders")
     model = tiny_model("qwen2_5_vl").eval()

@@ -46,7 +46,7 @@ def moekit_position_encoders() -> list[Component]:
             "position_encoder",
             NativeRopeParams,
             _neo_native_rope,
-            "NEO-ov: (t, h, w) RoPE with new H/W query/key channels and the mixed mask (Qwen2.5-VL); "
+            "NEO-ov: (t, h, w) RoPE with new H/W query/key channels and the mixed mask (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
             "without a model, the index builder",
         ),
         Component(

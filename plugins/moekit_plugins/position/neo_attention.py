@@ -1,18 +1,20 @@
-"""NEO-ov native RoPE inside a Qwen2.5-VL model (the `neo_native_rope` position encoder of a stage).
+"""NEO-ov native RoPE inside a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (the `neo_native_rope` position encoder).
 
 NEO-ov keeps the LLM's head as the T channels and adds H and W channels to every query and key (eq. 2-3), so
 the encoder owns, per decoder layer, two new projections `q_hw` and `k_hw` (hidden -> heads x (d_H + d_W)).
 Keys start at zero, so every score, and the model's output on text, is the pretrained model's until they train
 (queries start random: with both at zero neither would get a gradient).
 
-Per forward (a pre-hook on the `Qwen2_5_VLModel`): the visual units are found from the image/video tokens and
+Per forward (a pre-hook on the `Qwen2_5_VLModel`, or its Qwen2-VL / Qwen3-VL counterpart): the visual units are found from the image/video tokens and
 `image_grid_thw` / `video_grid_thw` (one unit per image, one per temporal patch of a video); the model's own
 3-row position ids become (t, t, t), so its rotary turns into a 1-D RoPE of t over the whole head (T group); the
 (h, w) tables and the eq. 7 mask are kept for the attention function. That function is registered with
 transformers' `AttentionInterface` and set as the text config's implementation: it adds the rotated H/W
 channels to the query and key (the module passes it only the rotated T channels; a pre-hook on each attention
 module hands it the layer's hidden states) and calls the model's original sdpa or eager attention with the mixed
-mask, at the model's own scaling 1/sqrt(d_T).
+mask, at the model's own scaling 1/sqrt(d_T). Qwen3-VL normalises each query and key head (QK-norm) before its
+rotary; the new H/W channels get no norm (an RMSNorm of keys that start at zero would have gradients of order
+1/sqrt(eps)), so they enter the score as NEO-ov's eq. 2-3 write them.
 
 A KV cache keeps only the T channels, so cached decoding is refused; inside `feed_batch` (moekit's evaluation
 and generation) `generation_config.use_cache` is off, so `generate` recomputes the whole sequence each step.
@@ -35,7 +37,7 @@ from moekit.arch import ArchError
 from moekit_plugins.position.neo_rope import NativeRope, NativeRopeParams
 
 IMPLEMENTATION = "moekit_neo_native_rope"
-FAMILIES = ("qwen2_5_vl",)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 INNER = ("sdpa", "eager")
 SPATIAL = slice(1, 3)
 GRID = "_moekit_grid_thw"
@@ -101,7 +103,7 @@ def visual_units(
 
 
 class NeoNativeRope(nn.Module):
-    """NEO-ov's native RoPE and mixed mask in a Qwen2.5-VL model, with the new H/W query/key projections."""
+    """NEO-ov's native RoPE and mixed mask in a Qwen-VL model, with the new H/W query/key projections."""
 
     def __init__(self, params: NativeRopeParams, model: nn.Module):
         super().__init__()
@@ -255,7 +257,8 @@ def _keep_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: A
 
 
 def _host(model: nn.Module) -> tuple[nn.Module, Any]:
-    """The `Qwen2_5_VLModel` inside `model` and its text config; refuses other families."""
+    """The multimodal model inside `model` (`Qwen2_5_VLModel`, `Qwen2VLModel`, `Qwen3VLModel`) and its text
+    config; refuses other families."""
     model_type = str(getattr(model.config, "model_type", "")).removeprefix("moekit_")
     inner = getattr(model, "model", None)
     if model_type not in FAMILIES or not hasattr(inner, "language_model"):
