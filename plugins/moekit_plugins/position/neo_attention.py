@@ -5,10 +5,10 @@ the encoder owns, per decoder layer, two new projections `q_hw` and `k_hw` (hidd
 Keys start at zero, so every score, and the model's output on text, is the pretrained model's until they train
 (queries start random: with both at zero neither would get a gradient).
 
-Per forward (a pre-hook on the `Qwen2_5_VLModel`, or its Qwen2-VL / Qwen3-VL counterpart): the visual units are found from the image/video tokens and
-`image_grid_thw` / `video_grid_thw` (one unit per image, one per temporal patch of a video); the model's own
-3-row position ids become (t, t, t), so its rotary turns into a 1-D RoPE of t over the whole head (T group); the
-(h, w) tables and the eq. 7 mask are kept for the attention function. That function is registered with
+Per forward (a pre-hook on the `Qwen2_5_VLModel`, or its Qwen2-VL / Qwen3-VL counterpart): the visual units are
+found from the image/video tokens and `image_grid_thw` / `video_grid_thw` (one unit per image, one per temporal
+patch of a video); the model's own 3-row position ids become (t, t, t), so its rotary turns into a 1-D RoPE of
+t over the whole head (T group); the (h, w) tables and the eq. 7 mask are kept for the attention function. That function is registered with
 transformers' `AttentionInterface` and set as the text config's implementation: it adds the rotated H/W
 channels to the query and key (the module passes it only the rotated T channels; a pre-hook on each attention
 module hands it the layer's hidden states) and calls the model's original sdpa or eager attention with the mixed
