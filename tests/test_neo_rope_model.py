@@ -17,7 +17,7 @@ from moekit.demo.tiny import tiny_inputs, tiny_model
 from moekit.evaluate.generate import Sampling, generate_ids, make_request
 from moekit.evaluate.model_dir import open_model_dir
 from moekit.train.outputs import load_model
-from moekit_plugins.position.neo_attention import visual_units
+from moekit_plugins.position.neo_attention import FAMILIES, visual_units
 
 from .recipes import losses, run, write_recipe
 
@@ -38,9 +38,6 @@ def rotate_by_hand(x, position, theta):
         out[k] = a * math.cos(angle) - b * math.sin(angle)
         out[k + d // 2] = b * math.cos(angle) + a * math.sin(angle)
     return out
-
-
-FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
 
 @pytest.fixture(params=FAMILIES)
