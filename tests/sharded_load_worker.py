@@ -1,5 +1,6 @@
 """Run under torchrun by test_sharded_load: wrap CKPT loaded whole and loaded by shards and write each
-process's comparison to OUT/params-<rank>.json; then run RECIPE both ways into OUT/sharded, OUT/whole.
+process's comparison to OUT/params-<rank>.json; then run RECIPE both ways into OUT/sharded, OUT/whole (the
+latter also gathering the whole model to save it).
 
 MODE (default fsdp2) picks the engine: `fsdp2` compares every local shard and the gathered state; `zero3`
 compares each process's ZeRO-3 partitions (`ds_tensor`) and the consolidated state."""
@@ -69,4 +70,5 @@ if __name__ == "__main__":
     process_state()
     compare(ckpt, out, mode)
     run_plan(load_plan(recipe, [f"output_dir={out}/sharded"]))
-    run_plan(load_plan(recipe, [f"output_dir={out}/whole", "stages[0].distributed.load=whole"]))
+    whole = ["stages[0].distributed.load=whole", "stages[0].distributed.gather=whole"]
+    run_plan(load_plan(recipe, [f"output_dir={out}/whole", *whole]))

@@ -19,6 +19,7 @@ from moekit.modeling.sharded import ShardedLoadError, load_deferred, materialize
 from moekit.train.outputs import load_model
 
 from .recipes import losses, stage, write_recipe
+from .test_stream_save import assert_same_checkpoint, saved_tensors
 from .test_train_distributed import torchrun
 
 
@@ -117,6 +118,12 @@ def assert_same_runs(tmp_path: Path) -> None:
     saved = [moekit.load(d / "model") for d in (sharded, whole)]
     for (name, a), b in zip(saved[0].named_parameters(), saved[1].parameters(), strict=True):
         assert torch.equal(a, b), name
+    assert_same_checkpoint(whole / "model", sharded / "model")  # the same files' tensors, names and config
+
+
+def streamed_save(run: Path) -> bool:
+    """Whether a stage output was written with its decoder layers streamed (their own shards after the rest)."""
+    return (run / "model" / "model.safetensors.index.json").is_file()
 
 
 @pytest.mark.distributed
@@ -128,6 +135,19 @@ def test_fsdp2_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_di
         assert result["local_numel"] < 0.75 * result["total_numel"]  # each process holds its share only
     assert ranks[0]["gathered_differ"] == []
     assert_same_runs(tmp_path)
+    assert streamed_save(tmp_path / "sharded" / "moe") and not streamed_save(tmp_path / "whole" / "moe")
+
+
+@pytest.mark.distributed
+def test_fsdp2_streamed_save_of_a_model_with_tied_embeddings(tmp_path):
+    """Gemma 3 ties its head to the input embedding: the streamed save keeps one of the two, as transformers
+    does, and writes the same checkpoint as gathering the whole model."""
+    moe = moekit.upcycle(tiny_model("gemma3"), moekit.UpcycleSpec(layers="interval:2", num_experts=3, top_k=2))
+    moe.save_pretrained(tmp_path / "moe_in")
+    two_process_run(tmp_path, tmp_path / "moe_in", "fsdp2", {"mode": "fsdp2"}, ["text"])
+    assert_same_runs(tmp_path)
+    assert streamed_save(tmp_path / "sharded" / "moe")
+    assert "lm_head.weight" not in saved_tensors(tmp_path / "sharded" / "moe" / "model")
 
 
 @pytest.mark.slow  # DeepSpeed builds its ops on first use (a minute); ~20 s each once built
@@ -144,6 +164,7 @@ def test_zero3_sharded_load_matches_whole_load_on_two_processes(tmp_path, moe_di
         assert result["local_numel"] < 0.75 * result["total_numel"]  # each process holds its partitions
     assert ranks[0]["gathered"] > 50 and ranks[0]["gathered_differ"] == []
     assert_same_runs(tmp_path)
+    assert streamed_save(tmp_path / "sharded" / "moe") and not streamed_save(tmp_path / "whole" / "moe")
 
 
 HEAP_PROBE = """

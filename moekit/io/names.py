@@ -30,7 +30,8 @@ class KeyNames:
         if self._probe is None:
             return (key,)
         try:  # conversions that split or index a tensor need its real shape (MoE experts stacked on dim 0..2)
-            shape = tuple(self.model.get_parameter(key).shape)
+            param = self.model.get_parameter(key)
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition is an empty placeholder
         except (AttributeError, TypeError):
             shape = (0,)
         try:

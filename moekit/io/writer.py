@@ -74,7 +74,12 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int, prefix: str 
     count = len(groups)
     if count == 1:
         return [Shard(f"{prefix}.safetensors", groups[0])]
-    return [Shard(f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors", group) for i, group in enumerate(groups)]
+    return [Shard(hub_shard_name(i, count, prefix), group) for i, group in enumerate(groups)]
+
+
+def hub_shard_name(index: int, count: int, prefix: str = "model") -> str:
+    """The hub's name of shard `index` (from 0) of `count`: `model-00001-of-0000N.safetensors`."""
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def _header(shard: Shard, metadata: dict[str, str]) -> bytes:

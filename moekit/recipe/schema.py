@@ -245,6 +245,11 @@ class Distributed(StrictModel):
     load: Literal["auto", "whole"] = Field(
         "auto", description="FSDP2, ZeRO-3: auto reads each process's part of the decoder layers; whole loads all first"
     )
+    gather: Literal["auto", "whole"] = Field(
+        "auto",
+        description="FSDP2, ZeRO-3, saving the output: auto gathers the decoder layers one tensor at a time as they are "
+        "written; whole gathers the model on the main process first",
+    )
     find_unused_parameters: bool = Field(
         False, description="DDP; not needed for moekit's own modules, which touch every trainable parameter"
     )

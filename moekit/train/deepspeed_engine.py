@@ -128,14 +128,52 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self._base.param_groups[0]["lr"])
 
-    def full_state_dict(self):
+    def full_state_dict(self, skip=()):
+        if skip:  # tensor by tensor, so that the skipped ones are never gathered; a tied parameter once
+            gathered: dict[int, torch.Tensor | None] = {}
+            state = {}
+            for key, value in self.unwrapped().state_dict(keep_vars=True).items():
+                if key not in skip:
+                    if id(value) not in gathered:
+                        gathered[id(value)] = self._gather(value)
+                    state[key] = gathered[id(value)]
+            return state if self.is_main else None
         if self.config.zero_stage == 3:
             state = self.module._zero3_consolidated_16bit_state_dict()
         else:
             state = self.unwrapped().state_dict()
         if not self.is_main or state is None:
             return None
-        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+        return {
+            k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items() if k not in skip
+        }
+
+    def layer_stream(self):
+        if self.config.zero_stage != 3 or self.config.gather == "whole":
+            return None  # ZeRO-2 keeps whole weights on every process
+        from moekit.train.stream_save import layer_stream
+
+        tensors = self.unwrapped().state_dict(keep_vars=True)  # ZeRO-3 partitions: nothing is gathered here
+        # The full shape and the saved dtype (fp32, as `full_state_dict`), for the plan.
+        planned = {
+            k: torch.empty(
+                tuple(getattr(t, "ds_shape", t.shape)),
+                dtype=torch.float32 if t.is_floating_point() else t.dtype,
+                device="meta",
+            )
+            for k, t in tensors.items()
+        }
+        return layer_stream(self.unwrapped(), planned, lambda key: self._gather(tensors[key]))
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor on CPU (fp32 if floating) in the main process, None elsewhere; a collective for a
+        ZeRO-3 partition (`GatheredParameters`), which frees the gathered copy again on exit."""
+        partitioned = [tensor] if hasattr(tensor, "ds_id") else []
+        with deepspeed_module().zero.GatheredParameters(partitioned, modifier_rank=None):
+            if not self.is_main:
+                return None
+            dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+            return tensor.detach().to("cpu", dtype, copy=True)
 
     def save_state(self, directory: Path) -> None:
         self.module.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather_object, reduce
@@ -23,6 +23,9 @@ from torch import nn
 
 from moekit.recipe.schema import Distributed, Optimizer
 from moekit.train.groups import hf_model
+
+if TYPE_CHECKING:
+    from moekit.train.stream_save import LayerStream
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -169,8 +172,14 @@ class Engine(abc.ABC):
         process_state().wait_for_everyone()
 
     @abc.abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole module's weights on CPU in the main process (None elsewhere); every process must call it."""
+    def full_state_dict(self, skip: Collection[str] = ()) -> dict[str, torch.Tensor] | None:
+        """The whole module's weights on CPU in the main process (None elsewhere), but for the `skip` keys;
+        every process must call it."""
+
+    def layer_stream(self) -> LayerStream | None:
+        """The decoder-layer tensors this engine gathers one at a time while the output is written (their keys
+        go in `full_state_dict`'s `skip`); None: the whole state is gathered at once."""
+        return None
 
     def save_state(self, directory: Path) -> None:
         """Model and optimizer state for resuming (every process calls it; DCP writes each shard once)."""
@@ -248,10 +257,10 @@ class AccelerateEngine(Engine):
             if old in models:  # let the old wrapper (and its gradient buckets) go
                 models.remove(old)
 
-    def full_state_dict(self):
+    def full_state_dict(self, skip=()):
         if not self.is_main:
             return None
-        return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items() if k not in skip}
 
 
 class Fsdp2Engine(Engine):
@@ -305,11 +314,31 @@ class Fsdp2Engine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def full_state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def full_state_dict(self, skip=()):
+        # Tensor by tensor, so that the skipped ones are never gathered, and a tied parameter once, as the same
+        # tensor under each of its keys: `save_pretrained` then writes it once, as it does for an unsharded model
+        # (torch's `get_model_state_dict` returns separate copies, and the head of a tied model was saved twice).
+        gathered: dict[int, torch.Tensor | None] = {}
+        state = {}
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            if key not in skip:
+                if id(value) not in gathered:
+                    gathered[id(value)] = self._gather(value)
+                state[key] = gathered[id(value)]
         return state if self.is_main else None
+
+    def layer_stream(self):
+        if self.config.gather == "whole":
+            return None
+        from moekit.train.stream_save import layer_stream
+
+        state = self.module.state_dict()  # this process's shards (DTensors): nothing is gathered here
+        return layer_stream(self.module, state, lambda key: self._gather(state[key]))
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor on CPU in the main process (None elsewhere); a collective for a sharded one."""
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        return full.detach().cpu() if self.is_main else None
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -26,6 +26,9 @@ from moekit.attach.position import save_weights
 from moekit.config.provenance import PROVENANCE_FILES, EncoderRef, Provenance, read_provenance, write_provenance
 from moekit.io.atomic import atomic_dir
 from moekit.io.files import copy_side_files
+
+if TYPE_CHECKING:
+    from moekit.train.stream_save import LayerStream
 
 FORMATS = ("full", "ffn_only", "lora_adapter")
 NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", *PROVENANCE_FILES}
@@ -135,9 +138,11 @@ def save_output(
     source_dir: Path | None,
     record: Provenance,
     recipe: dict[str, Any],
+    stream: LayerStream | None = None,
 ) -> Path:
     """Write a stage's output. `model` supplies the config and key naming; `state` the trained weights (module
-    paths of `model`, gathered on the main process; LoRA already merged for `full`); `record` its provenance."""
+    paths of `model`, gathered on the main process; LoRA already merged for `full`); `record` its provenance;
+    `stream` (`full` only) the decoder-layer tensors not in `state`, gathered as they are written."""
     with atomic_dir(target) as tmp:
         if fmt == "ffn_only":
             adapter = resolve_arch(model)
@@ -152,6 +157,8 @@ def save_output(
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if stream is not None:
+                stream.write(tmp, model)
             if heads:
                 save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "synergy_heads.safetensors"))
             refs, encoder_state = encoders

@@ -155,9 +155,13 @@ def write_output(
 ) -> Path:
     """Gather the trained weights (every process calls this) and write the stage output on the main process."""
     stage = planned.stage
-    state = engine.full_state_dict()
+    # Without LoRA to merge, a full save can take the decoder layers one tensor at a time (FSDP2).
+    stream = engine.layer_stream() if stage.save == "full" and stage.lora is None else None
+    state = engine.full_state_dict(skip=stream.saved if stream else ())
     target = output_path(planned.output_dir)
     if not engine.is_main:
+        if stream is not None:
+            stream.drain()
         return target
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     head_state = {k.removeprefix("synergy_heads."): v for k, v in state.items() if k.startswith("synergy_heads.")}
@@ -195,6 +199,7 @@ def write_output(
         source_dir=source_dir,
         record=record,
         recipe=recipe,
+        stream=stream,
     )
 
 
