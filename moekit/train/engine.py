@@ -348,18 +348,3 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
 
     model = hf_model(module.model)
     return list(model.get_submodule(resolve_arch(model).layers))
-
-
-def make_engine(
-    config: Distributed, precision: str, grad_accum: int, micro_batch: int, max_grad_norm: float | None
-) -> Engine:
-    """The engine for `distributed.mode` (auto: single in one process, ddp in several)."""
-    args = (config, precision, grad_accum, micro_batch, max_grad_norm)
-    mode = resolve_mode(config, process_state().num_processes)
-    if mode in ("single", "ddp"):
-        return AccelerateEngine(*args, mode=mode)
-    if mode == "fsdp2":
-        return Fsdp2Engine(*args)
-    from moekit.train.deepspeed_engine import DeepSpeedEngine
-
-    return DeepSpeedEngine(*args)

@@ -17,9 +17,9 @@ from moekit.attach.synergy import build_heads, inherit_heads, placeholder_tokens
 from moekit.attach.teachers.batch import build_teachers
 from moekit.config.provenance import Provenance
 from moekit.recipe.load import Plan, PlannedStage
-from moekit.recipe.schema import Stage, StageRef
+from moekit.recipe.schema import Distributed, Stage, StageRef
 from moekit.train import embeddings
-from moekit.train.engine import bound_host_heap, make_engine, process_state, resolve_mode
+from moekit.train.engine import AccelerateEngine, Engine, Fsdp2Engine, bound_host_heap, process_state, resolve_mode
 from moekit.train.groups import hf_model
 from moekit.train.loop import EXTRAS, StageRun, train_stage
 from moekit.train.module import TrainModule
@@ -33,6 +33,22 @@ def stage_output(plan: Plan, planned: PlannedStage, name: str) -> Path:
     other = plan.get(name)
     root = Path((other or planned).recipe.output_dir)
     return output_path(root / name)
+
+
+def make_engine(
+    config: Distributed, precision: str, grad_accum: int, micro_batch: int, max_grad_norm: float | None
+) -> Engine:
+    """The engine for `distributed.mode` (auto: single in one process, ddp in several). Chosen here, not in
+    `engine`, which `deepspeed_engine` builds on: the DeepSpeed engine is imported only when asked for."""
+    args = (config, precision, grad_accum, micro_batch, max_grad_norm)
+    mode = resolve_mode(config, process_state().num_processes)
+    if mode in ("single", "ddp"):
+        return AccelerateEngine(*args, mode=mode)
+    if mode == "fsdp2":
+        return Fsdp2Engine(*args)
+    from moekit.train.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(*args)
 
 
 def build_start(plan: Plan, planned: PlannedStage, source: BatchSource, where: str) -> tuple[nn.Module, Path]:
