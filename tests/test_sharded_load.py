@@ -119,6 +119,9 @@ def assert_same_runs(tmp_path: Path) -> None:
     for (name, a), b in zip(saved[0].named_parameters(), saved[1].parameters(), strict=True):
         assert torch.equal(a, b), name
     assert_same_checkpoint(whole / "model", sharded / "model")  # the same files' tensors, names and config
+    index = sharded / "model" / "model.safetensors.index.json"
+    if index.is_file():  # as save_pretrained counts them (ZeRO-3's partitions hide their full size)
+        assert json.loads(index.read_text())["metadata"]["total_parameters"] == saved[1].num_parameters()
 
 
 def streamed_save(run: Path) -> bool:

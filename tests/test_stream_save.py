@@ -75,6 +75,8 @@ def test_a_streamed_save_writes_what_save_pretrained_writes(family, moe, tmp_pat
     model.save_pretrained(tmp_path / "whole")
     order = streamed(model, tmp_path / "streamed")
     layers = [n for n in model.state_dict() if n.startswith(resolve_arch(model).layers + ".")]
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_parameters"] == model.num_parameters()
     assert len(order) >= 0.9 * len(layers)  # nearly every layer tensor streams (all but converted ones)
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
     loaded = (moekit.load if moe else type(model).from_pretrained)(tmp_path / "streamed")

@@ -70,8 +70,10 @@ class LayerStream:
             write_shard(directory / shard.name, shard, {"format": "pt"})
             weight_map.update(dict.fromkeys((t.key for t in shard.tensors), shard.name))
         size = sum(_data_bytes(directory / renamed[f]) for f in files) + sum(s.nbytes for s in shards)
+        # As `save_pretrained` counts them; a ZeRO-3 partition's own numel is 0, its full one `ds_numel`.
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         index = {
-            "metadata": {"total_parameters": model.num_parameters(), "total_size": size},
+            "metadata": {"total_parameters": parameters, "total_size": size},
             "weight_map": weight_map,
         }
         (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
