@@ -47,7 +47,7 @@ def streamed(model, directory: Path, **save_kwargs) -> list[str]:
         order.append(key)
         return state[key].detach().clone()
 
-    stream = layer_stream(module, state, gather)
+    stream = layer_stream(module, state, resolve_arch(model).layers, gather)
     assert stream is not None
     rest = {k.removeprefix("model."): v for k, v in state.items() if k not in stream.saved}
     model.save_pretrained(directory, state_dict=rest, **save_kwargs)
@@ -112,7 +112,7 @@ def test_tied_and_converted_tensors_stay_with_the_rest():
     layer = module.model.model.language_model.layers[0]
     layer.mlp.up_proj.weight = layer.mlp.gate_proj.weight  # a tie inside a layer: left to save_pretrained
     state = module.state_dict()
-    stream = layer_stream(module, state, lambda key: state[key])
+    stream = layer_stream(module, state, resolve_arch(model).layers, lambda key: state[key])
     prefix = "model.model.language_model.layers.0.mlp."
     assert f"{prefix}gate_proj.weight" not in stream.saved and f"{prefix}up_proj.weight" not in stream.saved
     assert stream.saved[f"{prefix}down_proj.weight"] == "model.layers.0.mlp.down_proj.weight"  # renamed as saved

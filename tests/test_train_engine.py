@@ -49,3 +49,24 @@ def test_deepspeed_config_comes_from_the_recipe_and_merges_a_user_file(tmp_path)
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ValueError, match="the recipe sets the optimizer"):
         deepspeed_config(engine(deepspeed_config=str(user)))
+
+
+def test_deepspeed_buckets_follow_the_model_width_as_transformers_trainer_sizes_them(tmp_path):
+    zero = deepspeed_config(engine(zero_stage=3), width=256)["zero_optimization"]
+    assert zero == {
+        "stage": 3,
+        "reduce_bucket_size": 65536,
+        "stage3_prefetch_bucket_size": 58982,
+        "stage3_param_persistence_threshold": 2560,
+    }
+    assert deepspeed_config(engine(zero_stage=2), width=256)["zero_optimization"] == {
+        "stage": 2,
+        "reduce_bucket_size": 65536,
+    }
+    user = tmp_path / "ds.json"
+    given = {"reduce_bucket_size": 1000, "stage3_param_persistence_threshold": "auto"}
+    user.write_text(json.dumps({"zero_optimization": given}))
+    zero = deepspeed_config(engine(zero_stage=3, deepspeed_config=str(user)), width=256)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1000 and zero["stage3_param_persistence_threshold"] == 2560
+    with pytest.raises(ValueError, match=r"ds.json: zero_optimization.stage3_param_persistence_threshold is 'auto'"):
+        deepspeed_config(engine(zero_stage=3, deepspeed_config=str(user)))

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.arch.detect import hidden_size
 from moekit.config import load_yaml
-from moekit.train.engine import Engine, adamw, param_groups, shard_units
+from moekit.train.engine import Engine, adamw, layers_path, param_groups, shard_units
+from moekit.train.groups import hf_model
 
 
 def deepspeed_module():
@@ -30,8 +32,20 @@ def deepspeed_module():
     return deepspeed
 
 
-def deepspeed_config(engine: Engine) -> dict[str, Any]:
-    """The recipe's settings in DeepSpeed's terms, with the user's file merged underneath."""
+# Bucket and persistence sizes that follow the model's width: transformers' Trainer fills these `auto` entries
+# with the same rules (`HfTrainerDeepSpeedConfig.trainer_config_finalize`, which needs TrainingArguments, hence
+# these lines). DeepSpeed's fixed defaults (a 5e8-element reduce bucket, tensors under 1e5 elements kept whole on
+# every process) suit no model size in particular.
+SIZED_BY_WIDTH: dict[str, tuple[tuple[int, ...], Any]] = {
+    "reduce_bucket_size": ((2, 3), lambda h: h * h),
+    "stage3_prefetch_bucket_size": ((3,), lambda h: int(0.9 * h * h)),
+    "stage3_param_persistence_threshold": ((3,), lambda h: 10 * h),
+}
+
+
+def deepspeed_config(engine: Engine, width: int | None = None) -> dict[str, Any]:
+    """The recipe's settings in DeepSpeed's terms, with the user's file merged underneath. With the model's
+    `width` (hidden size), the `SIZED_BY_WIDTH` settings the file leaves out or sets to `auto` follow it."""
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": engine.micro_batch,
         "gradient_accumulation_steps": engine.grad_accum,
@@ -43,7 +57,7 @@ def deepspeed_config(engine: Engine) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if engine.config.deepspeed_config is None:
-        return ours
+        return _sized(ours, width, "distributed")
     path = Path(engine.config.deepspeed_config)
     user = json.loads(path.read_text()) if path.suffix == ".json" else load_yaml(path)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
@@ -53,7 +67,23 @@ def deepspeed_config(engine: Engine) -> dict[str, Any]:
         raise ValueError(f"{path}: the recipe sets the optimizer and schedule; remove 'optimizer'/'scheduler' here")
     merged = {**user, **{k: v for k, v in ours.items() if k != "zero_optimization"}}
     merged["zero_optimization"] = {**user.get("zero_optimization", {}), "stage": engine.config.zero_stage}
-    return merged
+    return _sized(merged, width, str(path))
+
+
+def _sized(config: dict[str, Any], width: int | None, where: str) -> dict[str, Any]:
+    zero = config["zero_optimization"]
+    for key, (stages, rule) in SIZED_BY_WIDTH.items():
+        if zero["stage"] not in stages or zero.get(key, "auto") != "auto":
+            continue
+        if width is None:
+            if key in zero:
+                raise ValueError(
+                    f"{where}: zero_optimization.{key} is 'auto' but the model's config has no hidden_size to "
+                    "size it by; give a number"
+                )
+            continue
+        zero[key] = rule(width)
+    return config
 
 
 def _cast_params(module: nn.Module, precision: str) -> None:
@@ -73,7 +103,8 @@ class DeepSpeedEngine(Engine):
 
     def prepare(self, module, trainable, optimizer, scheduler):
         deepspeed = deepspeed_module()
-        config = deepspeed_config(self)
+        config = deepspeed_config(self, hidden_size(hf_model(module.model).config))
+        self.layers = layers_path(module)
         config["gradient_clipping"] = float(self.max_grad_norm or 0.0)
         if module.deferred is not None:
             self._partition_deferred(deepspeed, module, config)
@@ -163,7 +194,7 @@ class DeepSpeedEngine(Engine):
             )
             for k, t in tensors.items()
         }
-        return layer_stream(self.unwrapped(), planned, lambda key: self._gather(tensors[key]))
+        return layer_stream(self.unwrapped(), planned, self.layers, lambda key: self._gather(tensors[key]))
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The full tensor on CPU (fp32 if floating) in the main process, None elsewhere; a collective for a

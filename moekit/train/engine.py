@@ -112,6 +112,7 @@ class Engine(abc.ABC):
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.layers: str | None = None  # the decoder layers' path in the model, found by sharded engines
 
     @property
     def is_main(self) -> bool:
@@ -281,7 +282,8 @@ class Fsdp2Engine(Engine):
         # Every process must reduce the decoder layers in the same order: FSDP2 hooks a layer's reduction on its
         # inputs, which need gradients even when this process's micro-batch has no trainable part before them.
         hf_model(module.model).enable_input_require_grads()
-        units = shard_units(module)
+        self.layers = layers_path(module)
+        units = list(hf_model(module.model).get_submodule(self.layers))
         in_units = {id(p) for unit in units for p in unit.parameters()}
         module.touch = {n for n, p in module.named_parameters() if n in trainable and id(p) not in in_units}
         for unit in units:
@@ -333,7 +335,7 @@ class Fsdp2Engine(Engine):
         from moekit.train.stream_save import layer_stream
 
         state = self.module.state_dict()  # this process's shards (DTensors): nothing is gathered here
-        return layer_stream(self.module, state, lambda key: self._gather(state[key]))
+        return layer_stream(self.module, state, self.layers, lambda key: self._gather(state[key]))
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The full tensor on CPU in the main process (None elsewhere); a collective for a sharded one."""
@@ -341,10 +343,15 @@ class Fsdp2Engine(Engine):
         return full.detach().cpu() if self.is_main else None
 
 
+def layers_path(module: nn.Module) -> str:
+    """Where the decoder layers are in `module`'s model. Found while the weights are whole: structural detection
+    may run a layer's FFN, which it cannot once they are sharded or partitioned."""
+    from moekit.arch import resolve_arch
+
+    return resolve_arch(hf_model(module.model)).layers
+
+
 def shard_units(module: nn.Module) -> list[nn.Module]:
     """The decoder layers: FSDP2 gathers them one at a time. The vision tower stays in the root group because
     a process whose micro-batch holds no image or video skips it, and per-block gathers would then deadlock."""
-    from moekit.arch import resolve_arch
-
-    model = hf_model(module.model)
-    return list(model.get_submodule(resolve_arch(model).layers))
+    return list(hf_model(module.model).get_submodule(layers_path(module)))

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.arch import resolve_arch
 from moekit.io.names import KeyNames
 from moekit.io.writer import PlannedTensor, hub_shard_name, plan_shards, write_shard
 
@@ -80,13 +79,14 @@ class LayerStream:
 
 
 def layer_stream(
-    module: nn.Module, state: dict[str, torch.Tensor], gather: Callable[[str], torch.Tensor | None]
+    module: nn.Module, state: dict[str, torch.Tensor], layers: str, gather: Callable[[str], torch.Tensor | None]
 ) -> LayerStream | None:
     """The streamable decoder-layer tensors of `module` (a `TrainModule` without LoRA), or None when none are.
 
-    `state` is the wrapped module's (sharded) state: only shapes and dtypes are read from it."""
+    `state` maps the wrapped module's state keys to tensors of their full shape and saved dtype (DTensors, meta
+    tensors): only those are read. `layers` is where the decoder layers are in the model (`resolve_arch`)."""
     model = module.model
-    layers = f"model.{resolve_arch(model).layers}."
+    layers = f"model.{layers}."
     names = KeyNames(model)
     ignored = set(model._keys_to_ignore_on_save or ())
     owners = Counter(id(t) for t in _tensors(module).values())
