@@ -81,9 +81,9 @@ def write_model(out: Path, layers: int, hidden: int = 256) -> int:
 
     data = tiny_config("qwen2_5_vl").to_dict()
     text = data["text_config"]
-    text.update(
-        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64
-    )
+    heads = hidden // 64
+    text.update(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads)
+    text["num_key_value_heads"] = min(text["num_key_value_heads"], heads)  # GQA needs kv heads <= heads
     text.pop("layer_types", None)
     text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
     data["vision_config"]["out_hidden_size"] = hidden
