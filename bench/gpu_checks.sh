@@ -2,7 +2,8 @@
 # The GPU checks (issue 15), as one script for a machine with a CUDA device; CI never runs it. Results go to
 # $OUT (default runs/gpu): the `gpu` tests (every experts implementation against auto in fp32/bf16 and a bf16
 # training step of an upcycled model; the plug-ins in bf16), the MoE block under grouped_mm against dense k*T,
-# and GPU memory of a bf16 FSDP2 step (bench/gpu_memory.py). About 5 minutes on one H200.
+# and GPU memory of a bf16 FSDP2 step and of writing its output, streamed and gathered (bench/gpu_memory.py).
+# Estimated 5-10 minutes on one H200 (not yet run: no session of this project has been lent a GPU).
 #
 #   make gpu-wheels                 # here: the pinned wheels a bare GPU image may lack, into .whl/
 #   bash bench/gpu_checks.sh        # there, from the repository root (installs .whl/ first when present)
