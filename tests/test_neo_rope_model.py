@@ -192,21 +192,70 @@ def test_wrong_families_settings_and_cached_decoding_are_refused():
     assert model.config.text_config._attn_implementation == "sdpa"  # a refused build leaves the model as it was
     encoder = neo(model, head_dim_h=4, head_dim_w=4)
     batch = tiny_inputs("qwen2_5_vl", "image")
-    with pytest.raises(ValueError, match="decoding with a KV cache is not supported"):
+    with pytest.raises(ValueError, match="decoding with a KV cache is supported inside feed_batch only"):
         model.generate(**batch, max_new_tokens=2, do_sample=False, use_cache=True)
-    with feeding({"neo_native_rope": encoder}, model, batch["input_ids"], None):
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    # greedy decoding without a cache = the argmax of full forwards, token by token
-    ids = batch["input_ids"]
-    with torch.no_grad():
-        for _ in range(3):
-            step = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            step["mm_token_type_ids"] = torch.nn.functional.pad(
-                batch["mm_token_type_ids"], (0, ids.shape[1] - batch["input_ids"].shape[1])
-            )
-            ids = torch.cat([ids, model(**step).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert out.tolist() == ids.tolist()
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert out.tolist() == full_forward_decoding(model, batch, 3)[0].tolist()
     encoder.remove()
+
+
+def full_forward_decoding(model, batch, steps):
+    """Greedy decoding by a whole forward per new token (no cache): the ids, and each step's last logits."""
+    ids, mask, scores = batch["input_ids"], batch["attention_mask"], []
+    with torch.no_grad():
+        for _ in range(steps):
+            grown = ids.shape[1] - batch["input_ids"].shape[1]
+            step = {**batch, "input_ids": ids, "attention_mask": torch.nn.functional.pad(mask, (0, grown), value=1)}
+            step["mm_token_type_ids"] = torch.nn.functional.pad(batch["mm_token_type_ids"], (0, grown))
+            scores.append(model(**step).logits[:, -1])
+            ids = torch.cat([ids, scores[-1].argmax(-1, keepdim=True)], dim=1)
+    return ids, scores
+
+
+def left_padded_pair(family, kind):
+    """Two samples of different lengths, the shorter left-padded (pad id 0, masked), as moekit's generate batches."""
+    a, b = tiny_inputs(family, kind, seed=1, text_len=4), tiny_inputs(family, kind, seed=2, text_len=9)
+    gap = b["input_ids"].shape[1] - a["input_ids"].shape[1]
+    batch = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        batch[key] = torch.cat([torch.nn.functional.pad(a[key], (gap, 0)), b[key]])
+    for key in a.keys() - batch.keys():  # pixel values and grids: one after the other
+        batch[key] = torch.cat([a[key], b[key]])
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_inside_feed_batch_equals_a_whole_forward_per_token(family, kind):
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    encoder = neo(model, head_dim_h=4, head_dim_w=4)
+    for k in encoder.k_hw:  # trained H/W keys, so that their cache matters
+        torch.nn.init.normal_(k.weight, std=0.5)
+    batch = left_padded_pair(family, kind)
+    steps = 5
+    want, want_scores = full_forward_decoding(model, batch, steps)
+    with feeding({"neo_native_rope": encoder}, model, batch["input_ids"], None):
+        out = model.generate(
+            **batch,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        with torch.no_grad():  # a plain forward after it, in the same block, starts afresh
+            after = model(**batch, use_cache=False).logits
+    with torch.no_grad():
+        torch.testing.assert_close(after, model(**batch, use_cache=False).logits, rtol=0, atol=0)
+    assert out.sequences.tolist() == want.tolist()
+    for got, expected in zip(out.scores, want_scores, strict=True):
+        kept = torch.isfinite(got)  # min_new_tokens sets the end tokens' scores to -inf
+        torch.testing.assert_close(got[kept], expected[kept], atol=1e-4, rtol=1e-4)
+    bare = model.generate(**batch, max_new_tokens=steps, do_sample=False, use_cache=False)
+    encoder.remove()
+    assert model.generate(**batch, max_new_tokens=steps, do_sample=False).shape == bare.shape  # its own cache again
 
 
 def image_stage(name, synth_dir, **fields):
@@ -277,13 +326,13 @@ def test_save_and_load_keep_it(neo_run, bundle, synth_dir):
     torch.testing.assert_close(logits["second"], logits["first"], atol=1e-5, rtol=0)
     assert (logits["first"] - logits["first bare"]).abs().max() > 1e-3  # the re-attached encoder is at work
     assert (logits["first"] - logits["first fresh"]).abs().max() > 1e-3  # with its trained weights
-    # generation from the saved folder runs with it (no KV cache) and the image reaches the answer
+    # generation from the saved folder runs with it (KV-cached) and is deterministic
     opened = open_model_dir(first)
     assert list(opened.encoders) == ["neo_native_rope"]
     greedy = Sampling(max_new_tokens=4)
     ids = generate_ids(opened, request, greedy)
     assert ids and ids == generate_ids(opened, request, greedy)
-    assert opened.model.generation_config.use_cache  # only off inside feed_batch
+    assert opened.model.generation_config.use_cache  # generate decodes with the KV cache
 
 
 def test_an_encoder_that_joins_no_model_is_refused_with_its_yaml_path(monkeypatch):

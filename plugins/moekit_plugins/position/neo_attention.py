@@ -16,8 +16,12 @@ mask, at the model's own scaling 1/sqrt(d_T). Qwen3-VL normalises each query and
 rotary; the new H/W channels get no norm (an RMSNorm of keys that start at zero would have gradients of order
 1/sqrt(eps)), so they enter the score as NEO-ov's eq. 2-3 write them.
 
-A KV cache keeps only the T channels, so cached decoding is refused; inside `feed_batch` (moekit's evaluation
-and generation) `generation_config.use_cache` is off, so `generate` recomputes the whole sequence each step.
+Cached decoding: the model's KV cache holds the T channels of the keys; this encoder keeps each layer's rotated H/W
+key channels beside it (`_Decoding`), from the prefill on, and each decode step appends the new tokens' ones. New
+tokens are text: t continues from the last one, h = w = 0, and they see every earlier valid token. The encoder's
+cache follows one cache object through one `generate` call and does not follow a reordering of its rows, so it
+is on only inside `feed_batch` (moekit's evaluation and generation, one beam); a cached forward elsewhere is
+refused.
 """
 
 from __future__ import annotations
@@ -133,6 +137,8 @@ class NeoNativeRope(nn.Module):
         self._hooks: list[Any] = []
         self._hidden: dict[int, torch.Tensor] = {}
         self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cached_decoding = False  # on inside feed_batch
+        self._decoding: _Decoding | None = None
         self._attach(model, inner, text)
 
     def _attach(self, model: nn.Module, inner: nn.Module, text: Any) -> None:
@@ -149,7 +155,6 @@ class NeoNativeRope(nn.Module):
             self.inner_attention = AttentionInterface()[self._previous]
         self._merge = model.config.vision_config.spatial_merge_size
         self._tokens = {"image": model.config.image_token_id, "video": model.config.video_token_id}
-        self._generation = getattr(model, "generation_config", None)
         self._hooks.append(inner.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._hooks.append(inner.visual.register_forward_hook(_keep_grid, with_kwargs=True))
         for layer, module in enumerate(attention):
@@ -173,16 +178,12 @@ class NeoNativeRope(nn.Module):
     def feed_batch(
         self, geometry: Sequence[dict[str, torch.Tensor] | None], video_samples: Sequence[int]
     ) -> Iterator[None]:
-        """No geometry is needed; `generate` inside this block recomputes the sequence (no KV cache)."""
-        config = self._generation
-        previous = None if config is None else config.use_cache
-        if config is not None:
-            config.use_cache = False
+        """No geometry is needed; `generate` inside this block decodes with the KV cache (see the module)."""
+        self._cached_decoding, self._decoding = True, None
         try:
             yield
         finally:
-            if config is not None:
-                config.use_cache = previous
+            self._cached_decoding, self._decoding = False, None
 
     def layout(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None
@@ -195,14 +196,21 @@ class NeoNativeRope(nn.Module):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("neo_native_rope finds the visual units from input_ids; this forward got inputs_embeds")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError(
-                "neo_native_rope: decoding with a KV cache is not supported (the cache keeps no H/W key channels); "
-                "run generate with use_cache=False (moekit's generate does inside feed_batch)"
-            )
         padding = kwargs.get("attention_mask")
         if padding is not None and padding.ndim != 2:
             raise ValueError(f"neo_native_rope builds its own mask; it needs a 2-D padding mask, got {padding.ndim}-D")
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not self._cached_decoding:
+            raise ValueError(
+                "neo_native_rope: decoding with a KV cache is supported inside feed_batch only (moekit's generate "
+                "and eval); elsewhere run generate with use_cache=False"
+            )
+        past = 0 if cache is None else cache.get_seq_length()
+        if past:
+            kwargs = self._decode_step(input_ids, padding, cache, past, kwargs)
+            if args:
+                args, kwargs["input_ids"] = (), input_ids
+            return args, kwargs
         grids_thw = [kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")]
         encoded = kwargs.get("mm_encoder_outputs") or {}
         for k, kind in enumerate(("image", "video")):  # generate encodes the media first and passes only features
@@ -217,9 +225,36 @@ class NeoNativeRope(nn.Module):
             allowed = allowed | (eye & ~padding.bool()[:, :, None])
         self._state = (cos, sin, allowed[:, None])
         kwargs["position_ids"] = index[0][None].expand(3, -1, -1)
+        self._decoding = None
+        if cache is not None:  # the prefill of a cached generate: decode steps continue from here
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding.bool()
+            self._decoding = _Decoding(weakref.ref(cache), index[0].masked_fill(~valid, -1).amax(-1) + 1)
         if args:
             args, kwargs["input_ids"] = (), input_ids
         return args, kwargs
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, padding: torch.Tensor | None, cache: Any, past: int, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A cached step: the new tokens (text) take t after the last one and h = w = 0, and see every earlier valid
+        token and the new ones up to themselves."""
+        decoding = self._decoding
+        if decoding is None or decoding.cache() is not cache:
+            raise ValueError("neo_native_rope: a KV cache this encoder did not fill from its prefill (one generate)")
+        if any(token is not None and bool((input_ids == token).any()) for token in self._tokens.values()):
+            raise ValueError("neo_native_rope: new image or video tokens in a cached decode step")
+        batch, new = input_ids.shape
+        t = decoding.next_t[:, None] + torch.arange(new, device=input_ids.device)
+        zeros = torch.zeros_like(t)
+        cos, sin = self.rope.cos_sin(torch.stack([t, zeros, zeros]), SPATIAL)
+        keys = torch.arange(past + new, device=input_ids.device)
+        allowed = (keys[None, :] <= past + torch.arange(new, device=input_ids.device)[:, None])[None]
+        if padding is not None:
+            allowed = allowed & padding.bool()[:, None, -(past + new) :]
+        self._state = (cos, sin, allowed.expand(batch, -1, -1)[:, None])
+        decoding.next_t = decoding.next_t + new
+        kwargs["position_ids"] = t[None].expand(3, -1, -1)
+        return kwargs
 
     def _capture(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._hidden[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -231,8 +266,6 @@ class NeoNativeRope(nn.Module):
         the eq. 7 mask with the model's original attention."""
         if self._state is None or layer not in self._hidden:
             raise RuntimeError("neo_native_rope: attention ran outside a forward of the model it is attached to")
-        if key.shape[2] != query.shape[2]:
-            raise ValueError("neo_native_rope: decoding with a KV cache is not supported; use use_cache=False")
         cos, sin, allowed = self._state
         hidden = self._hidden.pop(layer)
         batch, length = hidden.shape[:2]
@@ -241,11 +274,29 @@ class NeoNativeRope(nn.Module):
         k_hw = k_proj(hidden.to(k_proj.weight.dtype)).view(batch, length, self.kv_heads, -1)
         q_hw = self.rope.rotate(q_hw.transpose(1, 2), cos, sin, SPATIAL)
         k_hw = self.rope.rotate(k_hw.transpose(1, 2), cos, sin, SPATIAL)
+        if self._decoding is not None:  # a cached generate: the H/W keys of every earlier token, then these
+            k_hw = self._decoding.extend(layer, k_hw)
+        if k_hw.shape[2] != key.shape[2]:
+            raise ValueError("neo_native_rope: decoding with a KV cache is supported inside feed_batch only")
         query = torch.cat([query, q_hw.to(query.dtype)], dim=-1)
         key = torch.cat([key, k_hw.to(key.dtype)], dim=-1)
         mask = allowed if self._previous == "sdpa" else NativeRope.additive(allowed[:, 0], query.dtype)
         kwargs["is_causal"] = False
         return self.inner_attention(module, query, key, value, mask, **kwargs)
+
+
+class _Decoding:
+    """One cached `generate`: the cache object it follows, the next t of every row and each layer's rotated H/W
+    key channels so far ([B, kv heads, L, d_H + d_W])."""
+
+    def __init__(self, cache: weakref.ref, next_t: torch.Tensor):
+        self.cache, self.next_t = cache, next_t
+        self.keys: dict[int, torch.Tensor] = {}
+
+    def extend(self, layer: int, new: torch.Tensor) -> torch.Tensor:
+        before = self.keys.get(layer)
+        self.keys[layer] = new if before is None else torch.cat([before, new], dim=2)
+        return self.keys[layer]
 
 
 def _keep_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
