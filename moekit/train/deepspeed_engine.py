@@ -17,7 +17,7 @@ from torch import nn
 
 from moekit.arch.detect import hidden_size
 from moekit.config import load_yaml
-from moekit.train.engine import Engine, adamw, layers_path, param_groups, shard_units
+from moekit.train.engine import Engine, adamw, layers_path, param_groups
 from moekit.train.groups import hf_model
 
 
@@ -127,7 +127,7 @@ class DeepSpeedEngine(Engine):
         if self.config.zero_stage != 3:
             raise ValueError("ZeRO-2 keeps whole weights on every process: load the model whole (stage.sharded_load)")
         deepspeed.init_distributed()  # zero.Init reads the world size from it (initialize would do it later)
-        for unit in shard_units(module):
+        for unit in self._layer_units(module):
             materialize_module(deferred, unit, self.device)
             _cast_params(unit, self.precision)
             deepspeed.zero.Init(module=unit, config_dict_or_path=config)
@@ -160,24 +160,15 @@ class DeepSpeedEngine(Engine):
         return float(self._base.param_groups[0]["lr"])
 
     def full_state_dict(self, skip=()):
-        if skip:  # tensor by tensor, so that the skipped ones are never gathered; a tied parameter once
-            gathered: dict[int, torch.Tensor | None] = {}
-            state = {}
-            for key, value in self.unwrapped().state_dict(keep_vars=True).items():
-                if key not in skip:
-                    if id(value) not in gathered:
-                        gathered[id(value)] = self._gather(value)
-                    state[key] = gathered[id(value)]
-            return state if self.is_main else None
+        if skip:  # the streamed save's rest
+            return self._gathered_state(self.unwrapped(), skip)
         if self.config.zero_stage == 3:
             state = self.module._zero3_consolidated_16bit_state_dict()
         else:
             state = self.unwrapped().state_dict()
         if not self.is_main or state is None:
             return None
-        return {
-            k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items() if k not in skip
-        }
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}
 
     def layer_stream(self):
         if self.config.zero_stage != 3 or self.config.gather == "whole":
@@ -196,9 +187,8 @@ class DeepSpeedEngine(Engine):
         }
         return layer_stream(self.unwrapped(), planned, self.layers, lambda key: self._gather(tensors[key]))
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The full tensor on CPU (fp32 if floating) in the main process, None elsewhere; a collective for a
-        ZeRO-3 partition (`GatheredParameters`), which frees the gathered copy again on exit."""
+    def _gather(self, tensor):
+        # fp32 if floating, as `full_state_dict`; `GatheredParameters` frees the gathered copy again on exit
         partitioned = [tensor] if hasattr(tensor, "ds_id") else []
         with deepspeed_module().zero.GatheredParameters(partitioned, modifier_rank=None):
             if not self.is_main:

@@ -182,6 +182,30 @@ class Engine(abc.ABC):
         go in `full_state_dict`'s `skip`); None: the whole state is gathered at once."""
         return None
 
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """One tensor of a sharded engine, full and on CPU in the main process (None elsewhere); a collective."""
+        raise NotImplementedError
+
+    def _gathered_state(self, module: nn.Module, skip: Collection[str]) -> dict[str, torch.Tensor] | None:
+        """`module`'s state tensor by tensor (`_gather`), so that the `skip` keys are never gathered, and a tied
+        parameter once, as the same tensor under each of its keys: `save_pretrained` then writes it once, as it
+        does for an unsharded model (torch's `get_model_state_dict` returns separate copies, and the head of a
+        tied model was saved twice)."""
+        gathered: dict[int, torch.Tensor | None] = {}
+        state = {}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if key not in skip:
+                if id(value) not in gathered:
+                    gathered[id(value)] = self._gather(value)
+                state[key] = gathered[id(value)]
+        return state if self.is_main else None
+
+    def _layer_units(self, module: nn.Module) -> list[nn.Module]:
+        """The decoder layers (at `self.layers`), each its own shard unit: FSDP2 gathers them one at a time. The
+        vision tower stays with the root because a process whose micro-batch holds no image or video skips it,
+        and per-block gathers would then deadlock."""
+        return list(hf_model(module.model).get_submodule(self.layers))
+
     def save_state(self, directory: Path) -> None:
         """Model and optimizer state for resuming (every process calls it; DCP writes each shard once)."""
         import torch.distributed.checkpoint as dcp
@@ -283,7 +307,7 @@ class Fsdp2Engine(Engine):
         # inputs, which need gradients even when this process's micro-batch has no trainable part before them.
         hf_model(module.model).enable_input_require_grads()
         self.layers = layers_path(module)
-        units = list(hf_model(module.model).get_submodule(self.layers))
+        units = self._layer_units(module)
         in_units = {id(p) for unit in units for p in unit.parameters()}
         module.touch = {n for n, p in module.named_parameters() if n in trainable and id(p) not in in_units}
         for unit in units:
@@ -317,28 +341,17 @@ class Fsdp2Engine(Engine):
         return float(norm)
 
     def full_state_dict(self, skip=()):
-        # Tensor by tensor, so that the skipped ones are never gathered, and a tied parameter once, as the same
-        # tensor under each of its keys: `save_pretrained` then writes it once, as it does for an unsharded model
-        # (torch's `get_model_state_dict` returns separate copies, and the head of a tied model was saved twice).
-        gathered: dict[int, torch.Tensor | None] = {}
-        state = {}
-        for key, value in self.module.state_dict(keep_vars=True).items():
-            if key not in skip:
-                if id(value) not in gathered:
-                    gathered[id(value)] = self._gather(value)
-                state[key] = gathered[id(value)]
-        return state if self.is_main else None
+        return self._gathered_state(self.module, skip)
 
     def layer_stream(self):
         if self.config.gather == "whole":
             return None
         from moekit.train.stream_save import layer_stream
 
-        state = self.module.state_dict()  # this process's shards (DTensors): nothing is gathered here
+        state = self.module.state_dict(keep_vars=True)  # this process's shards (DTensors): nothing is gathered
         return layer_stream(self.module, state, self.layers, lambda key: self._gather(state[key]))
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The full tensor on CPU in the main process (None elsewhere); a collective for a sharded one."""
+    def _gather(self, tensor):
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         return full.detach().cpu() if self.is_main else None
 
@@ -349,9 +362,3 @@ def layers_path(module: nn.Module) -> str:
     from moekit.arch import resolve_arch
 
     return resolve_arch(hf_model(module.model)).layers
-
-
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The decoder layers: FSDP2 gathers them one at a time. The vision tower stays in the root group because
-    a process whose micro-batch holds no image or video skips it, and per-block gathers would then deadlock."""
-    return list(hf_model(module.model).get_submodule(layers_path(module)))

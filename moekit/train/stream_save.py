@@ -89,10 +89,10 @@ def layer_stream(
     layers = f"model.{layers}."
     names = KeyNames(model)
     ignored = set(model._keys_to_ignore_on_save or ())
-    owners = Counter(id(t) for t in _tensors(module).values())
+    tensors = module.state_dict(keep_vars=True)  # tied keys map to one object
+    owners = Counter(id(t) for t in tensors.values())
     parts = {k: names.parts(k.removeprefix("model.")) for k in state if k.startswith(layers)}
     uses = Counter(n for p in parts.values() for n in p)
-    tensors = _tensors(module)
     saved = {
         k: p[0]
         for k, p in parts.items()
@@ -103,13 +103,6 @@ def layer_stream(
     shapes = {k: tuple(state[k].shape) for k in saved}
     dtypes = {k: state[k].dtype for k in saved}
     return LayerStream(saved, shapes, dtypes, gather)
-
-
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by state key, duplicates kept: tied keys map to one object."""
-    out: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    out.update(module.named_buffers(remove_duplicate=False))
-    return out
 
 
 def _weight_map(directory: Path) -> dict[str, str]:
