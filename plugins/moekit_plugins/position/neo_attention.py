@@ -207,10 +207,18 @@ class NeoNativeRope(nn.Module):
             )
         past = 0 if cache is None else cache.get_seq_length()
         if past:
-            kwargs = self._decode_step(input_ids, padding, cache, past, kwargs)
-            if args:
-                args, kwargs["input_ids"] = (), input_ids
-            return args, kwargs
+            self._decode_step(input_ids, padding, cache, past, kwargs)
+        else:
+            self._whole_sequence(input_ids, padding, cache, kwargs)
+        if args:
+            args, kwargs["input_ids"] = (), input_ids
+        return args, kwargs
+
+    def _whole_sequence(
+        self, input_ids: torch.Tensor, padding: torch.Tensor | None, cache: Any, kwargs: dict[str, Any]
+    ) -> None:
+        """A forward over the whole sequence (training, scoring, the prefill of a cached generate): units, the
+        (t, h, w) index, the eq. 7 mask; the model's own position ids become (t, t, t)."""
         grids_thw = [kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw")]
         encoded = kwargs.get("mm_encoder_outputs") or {}
         for k, kind in enumerate(("image", "video")):  # generate encodes the media first and passes only features
@@ -229,13 +237,10 @@ class NeoNativeRope(nn.Module):
         if cache is not None:  # the prefill of a cached generate: decode steps continue from here
             valid = torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding.bool()
             self._decoding = _Decoding(weakref.ref(cache), index[0].masked_fill(~valid, -1).amax(-1) + 1)
-        if args:
-            args, kwargs["input_ids"] = (), input_ids
-        return args, kwargs
 
     def _decode_step(
         self, input_ids: torch.Tensor, padding: torch.Tensor | None, cache: Any, past: int, kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> None:
         """A cached step: the new tokens (text) take t after the last one and h = w = 0, and see every earlier valid
         token and the new ones up to themselves."""
         decoding = self._decoding
@@ -254,7 +259,6 @@ class NeoNativeRope(nn.Module):
         self._state = (cos, sin, allowed.expand(batch, -1, -1)[:, None])
         decoding.next_t = decoding.next_t + new
         kwargs["position_ids"] = t[None].expand(3, -1, -1)
-        return kwargs
 
     def _capture(self, layer: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._hidden[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
