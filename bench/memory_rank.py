@@ -71,12 +71,10 @@ def vm_hwm() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def write_model(out: Path, layers: int, hidden: int = 256) -> int:
-    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, head dim 64) in fp32 safetensors; returns its weight bytes."""
-    import torch
+def qwen_config(layers: int, hidden: int = 256):
+    """The tiny Qwen2.5-VL's config widened to `hidden` (head dim 64) with `layers` decoder layers."""
     import transformers
 
-    import moekit
     from moekit.demo.tiny import tiny_config
 
     data = tiny_config("qwen2_5_vl").to_dict()
@@ -87,9 +85,18 @@ def write_model(out: Path, layers: int, hidden: int = 256) -> int:
     text.pop("layer_types", None)
     text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
     data["vision_config"]["out_hidden_size"] = hidden
-    config = transformers.Qwen2_5_VLConfig(**data)
+    return transformers.Qwen2_5_VLConfig(**data)
+
+
+def write_model(out: Path, layers: int, hidden: int = 256) -> int:
+    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, head dim 64) in fp32 safetensors; returns its weight bytes."""
+    import torch
+    import transformers
+
+    import moekit
+
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).float()
+    model = transformers.Qwen2_5_VLForConditionalGeneration(qwen_config(layers, hidden)).float()
     moe = moekit.upcycle(model, moekit.UpcycleSpec(layers="full", num_experts=4, top_k=2))
     moe.save_pretrained(out)
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))

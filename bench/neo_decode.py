@@ -21,25 +21,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_rank  # noqa: E402  (a sibling script: the same model config)
 
 
 def build(hidden: int, layers: int):
     import transformers
 
     import moekit.plugins.registry as registry
-    from moekit.demo.tiny import tiny_config
 
-    data = tiny_config("qwen2_5_vl").to_dict()
-    text = data["text_config"]
-    text.update(
-        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64
-    )
-    text["num_key_value_heads"] = min(text["num_key_value_heads"], hidden // 64)
-    text.pop("layer_types", None)
-    text["rope_parameters"]["mrope_section"] = [16, 8, 8]  # head dim 64
-    data["vision_config"]["out_hidden_size"] = hidden
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**data)).eval()
+    model = transformers.Qwen2_5_VLForConditionalGeneration(memory_rank.qwen_config(layers, hidden)).eval()
     encoder = registry.registry().build("position_encoder", "neo_native_rope", {}, model=model)
     for k in encoder.k_hw:
         torch.nn.init.normal_(k.weight, std=0.02)
