@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import moekit
@@ -13,7 +14,7 @@ import moekit.plugins.registry as registry
 from moekit.attach.position import build_encoders, feeding, load_encoders
 from moekit.data.collate import Collator, split_batch
 from moekit.data.preprocess import Preprocessor
-from moekit.demo.tiny import tiny_inputs, tiny_model
+from moekit.demo.tiny import IMAGE_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID, tiny_inputs, tiny_model
 from moekit.evaluate.generate import Sampling, generate_ids, make_request
 from moekit.evaluate.model_dir import open_model_dir
 from moekit.train.outputs import load_model
@@ -176,7 +177,7 @@ def test_eager_attention_gets_the_same_mask_in_its_additive_form():
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 
 
-def test_wrong_families_settings_and_cached_decoding_are_refused():
+def test_wrong_families_settings_and_foreign_caches_are_refused():
     with pytest.raises(
         ValueError,
         match=r"stages\[0\]\.position_encoders\[0\]: neo_native_rope is wired into qwen2_5_vl, qwen2_vl, qwen3_vl only.*'llava'",
@@ -192,10 +193,13 @@ def test_wrong_families_settings_and_cached_decoding_are_refused():
     assert model.config.text_config._attn_implementation == "sdpa"  # a refused build leaves the model as it was
     encoder = neo(model, head_dim_h=4, head_dim_w=4)
     batch = tiny_inputs("qwen2_5_vl", "image")
-    with pytest.raises(ValueError, match="decoding with a KV cache is supported inside feed_batch only"):
-        model.generate(**batch, max_new_tokens=2, do_sample=False, use_cache=True)
     out = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=False)
     assert out.tolist() == full_forward_decoding(model, batch, 3)[0].tolist()
+    stray = transformers.DynamicCache()  # a cache the encoder did not see filled
+    model(**batch, past_key_values=stray, use_cache=True)
+    encoder._decoding = None
+    with pytest.raises(ValueError, match="a KV cache this encoder did not fill from its prefill"):
+        model(input_ids=batch["input_ids"][:, -1:], past_key_values=stray, use_cache=True)
     encoder.remove()
 
 
@@ -226,7 +230,7 @@ def left_padded_pair(family, kind):
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decoding_inside_feed_batch_equals_a_whole_forward_per_token(family, kind):
+def test_cached_decoding_equals_a_whole_forward_per_token(family, kind):
     torch.manual_seed(0)
     model = tiny_model(family).eval()
     encoder = neo(model, head_dim_h=4, head_dim_w=4)
@@ -256,6 +260,32 @@ def test_cached_decoding_inside_feed_batch_equals_a_whole_forward_per_token(fami
     bare = model.generate(**batch, max_new_tokens=steps, do_sample=False, use_cache=False)
     encoder.remove()
     assert model.generate(**batch, max_new_tokens=steps, do_sample=False).shape == bare.shape  # its own cache again
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_h_w_keys_follow_beam_search_and_assisted_decoding(family):
+    """Beam search reorders the cache's rows each step and prompt-lookup decoding crops rejected tokens off its
+    end: with the cache, both give what they give recomputing the sequence."""
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    encoder = neo(model, head_dim_h=4, head_dim_w=4)
+    for k in encoder.k_hw:
+        torch.nn.init.normal_(k.weight, std=0.5)
+    pair = left_padded_pair(family, "image")
+    beams = dict(max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True)
+    beams.update(output_scores=True, num_return_sequences=3)
+    cached, recomputed = (model.generate(**pair, **beams, use_cache=use) for use in (True, False))
+    assert cached.sequences.tolist() == recomputed.sequences.tolist()
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=1e-5)
+    one = tiny_inputs(family, "image", seed=3)
+    # the prompt's first two (text) tokens again at its end: the lookup proposes the text that followed them
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        one[key] = torch.cat([one[key], one[key][:, :2]], dim=1)
+    visual = [[IMAGE_ID], [VIDEO_ID], [VISION_START_ID], [VISION_END_ID]]  # the tiny model could pick them
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, bad_words_ids=visual)
+    assisted = model.generate(**one, **greedy, prompt_lookup_num_tokens=3, use_cache=True)
+    assert assisted.tolist() == model.generate(**one, **greedy, use_cache=False).tolist()
+    encoder.remove()
 
 
 def image_stage(name, synth_dir, **fields):

@@ -18,10 +18,9 @@ rotary; the new H/W channels get no norm (an RMSNorm of keys that start at zero 
 
 Cached decoding: the model's KV cache holds the T channels of the keys; this encoder keeps each layer's rotated H/W
 key channels beside it (`_Decoding`), from the prefill on, and each decode step appends the new tokens' ones. New
-tokens are text: t continues from the last one, h = w = 0, and they see every earlier valid token. The encoder's
-cache follows one cache object through one `generate` call and does not follow a reordering of its rows, so it
-is on only inside `feed_batch` (moekit's evaluation and generation, one beam); a cached forward elsewhere is
-refused.
+tokens are text: t continues from the last one, h = w = 0, and they see every earlier valid token. The side cache
+follows the cache object's row selections (beam search's `reorder_cache`, `batch_select_indices`,
+`batch_repeat_interleave`) and its crops (assisted decoding drops tokens from the end).
 """
 
 from __future__ import annotations
@@ -137,7 +136,6 @@ class NeoNativeRope(nn.Module):
         self._hooks: list[Any] = []
         self._hidden: dict[int, torch.Tensor] = {}
         self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._cached_decoding = False  # on inside feed_batch
         self._decoding: _Decoding | None = None
         self._attach(model, inner, text)
 
@@ -178,12 +176,12 @@ class NeoNativeRope(nn.Module):
     def feed_batch(
         self, geometry: Sequence[dict[str, torch.Tensor] | None], video_samples: Sequence[int]
     ) -> Iterator[None]:
-        """No geometry is needed; `generate` inside this block decodes with the KV cache (see the module)."""
-        self._cached_decoding, self._decoding = True, None
+        """No geometry is needed (the units come from the input ids and grids of each forward)."""
+        self._decoding = None
         try:
             yield
         finally:
-            self._cached_decoding, self._decoding = False, None
+            self._decoding = None
 
     def layout(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None
@@ -200,11 +198,6 @@ class NeoNativeRope(nn.Module):
         if padding is not None and padding.ndim != 2:
             raise ValueError(f"neo_native_rope builds its own mask; it needs a 2-D padding mask, got {padding.ndim}-D")
         cache = kwargs.get("past_key_values")
-        if cache is not None and not self._cached_decoding:
-            raise ValueError(
-                "neo_native_rope: decoding with a KV cache is supported inside feed_batch only (moekit's generate "
-                "and eval); elsewhere run generate with use_cache=False"
-            )
         past = 0 if cache is None else cache.get_seq_length()
         if past:
             self._decode_step(input_ids, padding, cache, past, kwargs)
@@ -223,7 +216,7 @@ class NeoNativeRope(nn.Module):
         encoded = kwargs.get("mm_encoder_outputs") or {}
         for k, kind in enumerate(("image", "video")):  # generate encodes the media first and passes only features
             if grids_thw[k] is None and encoded.get(kind) is not None:
-                grids_thw[k] = getattr(encoded[kind], GRID, None)
+                grids_thw[k] = _encoded_grid(encoded[kind])
         units, grids = self.layout(input_ids, *grids_thw)
         index = self.rope.index(units, grids, attention_mask=padding)
         cos, sin = self.rope.cos_sin(index, SPATIAL)
@@ -236,7 +229,7 @@ class NeoNativeRope(nn.Module):
         self._decoding = None
         if cache is not None:  # the prefill of a cached generate: decode steps continue from here
             valid = torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding.bool()
-            self._decoding = _Decoding(weakref.ref(cache), index[0].masked_fill(~valid, -1).amax(-1) + 1)
+            self._decoding = _Decoding(cache, index[0].masked_fill(~valid, -1).amax(-1) + 1)
 
     def _decode_step(
         self, input_ids: torch.Tensor, padding: torch.Tensor | None, cache: Any, past: int, kwargs: dict[str, Any]
@@ -246,6 +239,8 @@ class NeoNativeRope(nn.Module):
         decoding = self._decoding
         if decoding is None or decoding.cache() is not cache:
             raise ValueError("neo_native_rope: a KV cache this encoder did not fill from its prefill (one generate)")
+        if decoding.broken is not None:
+            raise ValueError(f"neo_native_rope: {decoding.broken}; decode without the cache (use_cache=False)")
         if any(token is not None and bool((input_ids == token).any()) for token in self._tokens.values()):
             raise ValueError("neo_native_rope: new image or video tokens in a cached decode step")
         batch, new = input_ids.shape
@@ -281,7 +276,10 @@ class NeoNativeRope(nn.Module):
         if self._decoding is not None:  # a cached generate: the H/W keys of every earlier token, then these
             k_hw = self._decoding.extend(layer, k_hw)
         if k_hw.shape[2] != key.shape[2]:
-            raise ValueError("neo_native_rope: decoding with a KV cache is supported inside feed_batch only")
+            raise ValueError(
+                f"neo_native_rope: layer {layer} has {key.shape[2]} cached keys but {k_hw.shape[2]} H/W keys (a KV "
+                "cache filled without this encoder?)"
+            )
         query = torch.cat([query, q_hw.to(query.dtype)], dim=-1)
         key = torch.cat([key, k_hw.to(key.dtype)], dim=-1)
         mask = allowed if self._previous == "sdpa" else NativeRope.additive(allowed[:, 0], query.dtype)
@@ -291,16 +289,62 @@ class NeoNativeRope(nn.Module):
 
 class _Decoding:
     """One cached `generate`: the cache object it follows, the next t of every row and each layer's rotated H/W
-    key channels so far ([B, kv heads, L, d_H + d_W])."""
+    key channels so far ([B, kv heads, L, d_H + d_W]). The cache's row operations are wrapped on that object so
+    that these rows follow theirs."""
 
-    def __init__(self, cache: weakref.ref, next_t: torch.Tensor):
-        self.cache, self.next_t = cache, next_t
+    def __init__(self, cache: Any, next_t: torch.Tensor):
+        self.cache: weakref.ref = weakref.ref(cache)
+        self.next_t = next_t
         self.keys: dict[int, torch.Tensor] = {}
+        self.broken: str | None = None
+        follow = {
+            "reorder_cache": self._select,
+            "batch_select_indices": self._select,
+            "batch_repeat_interleave": self._repeat,
+            "crop": self._crop,
+        }
+        for name, ours in follow.items():
+            if hasattr(cache, name):
+                setattr(cache, name, _after(getattr(cache, name), ours))
 
     def extend(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         before = self.keys.get(layer)
         self.keys[layer] = new if before is None else torch.cat([before, new], dim=2)
         return self.keys[layer]
+
+    def _select(self, indices: torch.Tensor) -> None:
+        indices = indices.to(self.next_t.device)
+        self.next_t = self.next_t.index_select(0, indices)
+        self.keys = {layer: k.index_select(0, indices.to(k.device)) for layer, k in self.keys.items()}
+
+    def _repeat(self, repeats: int) -> None:
+        self.next_t = self.next_t.repeat_interleave(repeats, dim=0)
+        self.keys = {layer: k.repeat_interleave(repeats, dim=0) for layer, k in self.keys.items()}
+
+    def _crop(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the H/W keys of the tokens the cache dropped from its end (assisted decoding): decoded text, one t
+        each."""
+        cache = self.cache()
+        held = next(iter(self.keys.values())).shape[2] if self.keys else None
+        length = None if cache is None else cache.get_seq_length()
+        if held is None or length is None or length == held:
+            return
+        if length > held:
+            self.broken = f"the KV cache grew to {length} tokens outside a forward (the H/W keys hold {held})"
+            return
+        self.keys = {layer: k[:, :, :length] for layer, k in self.keys.items()}
+        self.next_t = self.next_t - (held - length)
+
+
+def _after(original, ours):
+    """`original(...)`, then `ours(...)` with the same arguments."""
+
+    def both(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        ours(*args, **kwargs)
+        return out
+
+    return both
 
 
 def _keep_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -309,6 +353,22 @@ def _keep_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: A
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
     if grid is not None and output is not None:
         object.__setattr__(output, GRID, grid)
+
+
+def _encoded_grid(output: Any) -> torch.Tensor | None:
+    """The grid of every image (or video) of encoded features, one row per entry of `pooler_output`. `generate`
+    expands them for beam search in place, repeating each sample's entries (the same tensor objects), while the
+    grid kept on the output stays one row per original entry: rows are matched to entries by identity, the
+    originals in order of first appearance."""
+    grid = getattr(output, GRID, None)
+    pooled = getattr(output, "pooler_output", None)
+    if grid is None or not isinstance(pooled, (list, tuple)) or len(pooled) == len(grid):
+        return grid
+    first = list(dict.fromkeys(id(t) for t in pooled))
+    if len(first) != len(grid):
+        return grid  # the units check then names the mismatch
+    row = {key: i for i, key in enumerate(first)}
+    return grid[torch.tensor([row[id(t)] for t in pooled], device=grid.device)]
 
 
 def _host(model: nn.Module) -> tuple[nn.Module, Any]:
