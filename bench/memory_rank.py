@@ -18,6 +18,7 @@ Peak RSS is VmHWM of /proc/self/status, read just before the stage writes its ou
 
     flock /tmp/bench.lock python bench/memory_rank.py              # 3 repeats, a ~320 MB fp32 model
     python bench/memory_rank.py --repeats 1 --only fsdp2           # quick look
+    python bench/memory_rank.py --processes 4 --candidates fsdp2-2l,fsdp2-whole,fsdp2-sharded   # 4 ranks
 """
 
 from __future__ import annotations
@@ -154,16 +155,16 @@ def worker(candidate: str, recipe: str, out: str) -> None:
     Path(out, f"{candidate}-{state.process_index}.json").write_text(json.dumps({"rss": rss}))
 
 
-def launch(candidate: str, root: Path) -> list[int]:
+def launch(candidate: str, root: Path, processes: int = 2) -> list[int]:
     model, _, extra_env, _ = CANDIDATES[candidate]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", __file__]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.update(extra_env)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     args = ["--worker", candidate, str(root / f"{model}.yaml"), str(root)]
     result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=1800)
-    files = [Path(root, f"{candidate}-{r}.json") for r in (0, 1)]
+    files = [Path(root, f"{candidate}-{r}.json") for r in range(processes)]
     if result.returncode and all(f.exists() for f in files):  # measured, then failed on the way out
         print(f"{candidate}: exit {result.returncode} after writing its figures: {result.stderr[-300:]!r}")
     elif result.returncode:
@@ -180,11 +181,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--only", help="run the candidates whose name contains this (bare always runs)")
+    parser.add_argument("--candidates", help="comma-separated names to run instead (bare always runs)")
+    parser.add_argument("--processes", type=int, default=2, help="processes per launch (the goal is for 2)")
     parser.add_argument("--worker", nargs=3, metavar=("CANDIDATE", "RECIPE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
-    names = [c for c in CANDIDATES if c == "bare" or args.only is None or args.only in c]
+    chosen = None if args.candidates is None else set(args.candidates.split(","))
+    unknown = sorted((chosen or set()) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {sorted(CANDIDATES)}")
+    names = [
+        c
+        for c in CANDIDATES
+        if c == "bare" or (c in chosen if chosen is not None else args.only is None or args.only in c)
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         size, small = write_model(root / "model", args.layers), write_model(root / "model2", 2)
@@ -194,7 +205,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             shift = repeat % len(names)
             for candidate in names[shift:] + names[:shift]:
-                runs[candidate].append(launch(candidate, root))
+                runs[candidate].append(launch(candidate, root, args.processes))
                 print(f"repeat {repeat + 1} {candidate}: {[r / 2**20 for r in runs[candidate][-1]]} MiB", flush=True)
     report(runs, size, small, args.repeats)
 
@@ -202,25 +213,28 @@ def main() -> None:
 def report(runs: dict[str, list[list[int]]], size: int, small: int, repeats: int) -> None:
     mib = 2**20
     print(f"\nfp32 model: {size / mib:.1f} MiB (2 layers: {small / mib:.1f} MiB); medians over {repeats} repeats")
-    medians = {c: [statistics.median(run[r] for run in runs[c]) for r in (0, 1)] for c in runs}
+    ranks = range(len(next(iter(runs.values()))[0]))
+    medians = {c: [statistics.median(run[r] for run in runs[c]) for r in ranks] for c in runs}
     bare = medians["bare"]
-    print("| candidate | rank 0 (MiB) | rank 1 (MiB) | above bare, worst rank | above the 2-layer step, worst rank |")
-    print("| --- | --- | --- | --- | --- |")
+    columns = " | ".join(f"rank {r} (MiB)" for r in ranks)
+    print(f"| candidate | {columns} | above bare, worst rank | above the 2-layer step, worst rank |")
+    print("| --- |" + " --- |" * len(ranks) + " --- | --- |")
     for c, peak in medians.items():
         base = medians.get(c.split("-")[0] + "-2l" + ("-saved" if c.endswith("-saved") else ""))
-        above_bare = max((peak[r] - bare[r]) / size for r in (0, 1))
+        above_bare = max((peak[r] - bare[r]) / size for r in ranks)
         grown = (
             ""
             if base is None or c.endswith("2l")
-            else f"{max((peak[r] - base[r]) for r in (0, 1)) / (size - small):.2f}x"
+            else f"{max((peak[r] - base[r]) for r in ranks) / (size - small):.2f}x"
         )
-        print(f"| {c} | {peak[0] / mib:.0f} | {peak[1] / mib:.0f} | {above_bare:.2f}x | {grown} |")
+        values = " | ".join(f"{peak[r] / mib:.0f}" for r in ranks)
+        print(f"| {c} | {values} | {above_bare:.2f}x | {grown} |")
     for engine in ("fsdp2", "zero3"):
         saved = (f"{engine}-sharded-saved", f"{engine}-sharded-gathered-saved", f"{engine}-2l-saved")
         if not all(c in medians for c in saved):
             continue
         (streamed, gathered, base) = (medians[c] for c in saved)
-        worst = max((streamed[r] - base[r]) / (size - small) for r in (0, 1))
+        worst = max((streamed[r] - base[r]) / (size - small) for r in ranks)
         print(
             f"{engine} with the write: streamed {worst:.2f}x above the 2-layer step (goal <= {GOAL}x: "
             f"{'met' if worst <= GOAL else 'not met'}); rank 0 streamed / gathered {streamed[0] / gathered[0]:.2f}"
@@ -229,9 +243,9 @@ def report(runs: dict[str, list[list[int]]], size: int, small: int, repeats: int
         if any(f"{engine}-{k}" not in medians for k in ("sharded", "whole", "2l")):
             continue
         peak, base = medians[f"{engine}-sharded"], medians[f"{engine}-2l"]
-        worst = max((peak[r] - base[r]) / (size - small) for r in (0, 1))
+        worst = max((peak[r] - base[r]) / (size - small) for r in ranks)
         verdict = "met" if worst <= GOAL else "not met"
-        ratio = max(peak[r] / medians[f"{engine}-whole"][r] for r in (0, 1))
+        ratio = max(peak[r] / medians[f"{engine}-whole"][r] for r in ranks)
         print(
             f"{engine} sharded: {worst:.2f}x above the 2-layer step (goal <= {GOAL}x: {verdict}); sharded / whole {ratio:.2f}"
         )
