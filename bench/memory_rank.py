@@ -38,6 +38,7 @@ import yaml
 GOAL = 0.6
 WHOLE = "stages[0].distributed.load=whole"
 GATHERED = "stages[0].distributed.gather=whole"
+BF16 = "stages[0].precision=bf16"
 ZERO3 = ["stages[0].distributed.mode=deepspeed", "stages[0].distributed.zero_stage=3"]
 # name -> (model, recipe overrides, launch environment, bound_host_heap on)
 CANDIDATES: dict[str, tuple[str, list[str], dict[str, str], bool]] = {
@@ -58,6 +59,11 @@ CANDIDATES: dict[str, tuple[str, list[str], dict[str, str], bool]] = {
     "fsdp2-2l-saved": ("model2", [], {}, True),
     "fsdp2-sharded-saved": ("model", [], {}, True),
     "fsdp2-sharded-gathered-saved": ("model", [GATHERED], {}, True),
+    # precision bf16 with a bf16-stored checkpoint (as released models are): frozen shards in bf16 (the default)
+    # or in fp32 (`distributed.frozen_weights: fp32`, the path before)
+    "fsdp2-2l-bf16": ("model2-bf16", [BF16], {}, True),
+    "fsdp2-sharded-bf16": ("model-bf16", [BF16], {}, True),
+    "fsdp2-sharded-bf16-fp32frozen": ("model-bf16", [BF16, "stages[0].distributed.frozen_weights=fp32"], {}, True),
     "zero3-2l-saved": ("model2", ZERO3, {}, True),
     "zero3-sharded-saved": ("model", ZERO3, {}, True),
     "zero3-sharded-gathered-saved": ("model", [*ZERO3, GATHERED], {}, True),
@@ -89,8 +95,9 @@ def qwen_config(layers: int, hidden: int = 256):
     return transformers.Qwen2_5_VLConfig(**data)
 
 
-def write_model(out: Path, layers: int, hidden: int = 256) -> int:
-    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, head dim 64) in fp32 safetensors; returns its weight bytes."""
+def write_model(out: Path, layers: int, hidden: int = 256, dtype: str = "float32") -> int:
+    """An upcycled Qwen2.5-VL MoE (every layer, 4 experts, head dim 64) in `dtype` safetensors; returns its weight
+    bytes."""
     import torch
     import transformers
 
@@ -99,7 +106,7 @@ def write_model(out: Path, layers: int, hidden: int = 256) -> int:
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration(qwen_config(layers, hidden)).float()
     moe = moekit.upcycle(model, moekit.UpcycleSpec(layers="full", num_experts=4, top_k=2))
-    moe.save_pretrained(out)
+    moe.to(getattr(torch, dtype)).save_pretrained(out)
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
@@ -200,6 +207,10 @@ def main() -> None:
         root = Path(scratch)
         size, small = write_model(root / "model", args.layers), write_model(root / "model2", 2)
         write_recipe(root, root / "model"), write_recipe(root, root / "model2")
+        if any(c.endswith(("-bf16", "-fp32frozen")) for c in names):
+            write_model(root / "model-bf16", args.layers, dtype="bfloat16")
+            write_model(root / "model2-bf16", 2, dtype="bfloat16")
+            write_recipe(root, root / "model-bf16"), write_recipe(root, root / "model2-bf16")
         (root / "p0.json").write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
         runs: dict[str, list[list[int]]] = {c: [] for c in names}
         for repeat in range(args.repeats):
@@ -220,7 +231,8 @@ def report(runs: dict[str, list[list[int]]], size: int, small: int, repeats: int
     print(f"| candidate | {columns} | above bare, worst rank | above the 2-layer step, worst rank |")
     print("| --- |" + " --- |" * len(ranks) + " --- | --- |")
     for c, peak in medians.items():
-        base = medians.get(c.split("-")[0] + "-2l" + ("-saved" if c.endswith("-saved") else ""))
+        kind = next((k for k in ("-saved", "-bf16") if k in c), "")
+        base = medians.get(c.split("-")[0] + "-2l" + kind)
         above_bare = max((peak[r] - bare[r]) / size for r in ranks)
         grown = (
             ""

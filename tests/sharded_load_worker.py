@@ -3,7 +3,9 @@ process's comparison to OUT/params-<rank>.json; then run RECIPE both ways into O
 latter also gathering the whole model to save it).
 
 MODE (default fsdp2) picks the engine: `fsdp2` compares every local shard and the gathered state; `zero3`
-compares each process's ZeRO-3 partitions (`ds_tensor`) and the consolidated state."""
+compares each process's ZeRO-3 partitions (`ds_tensor`) and the consolidated state; `frozen` writes the shard
+dtypes of a bf16 FSDP2 wrap to OUT/dtypes-<rank>.json and runs RECIPE with frozen bf16 shards (OUT/sharded) and
+with fp32 ones (OUT/whole)."""
 
 import json
 import sys
@@ -13,8 +15,9 @@ import torch
 
 from moekit.pipeline import run_plan
 from moekit.recipe import load_plan
-from moekit.recipe.schema import Distributed, Optimizer
+from moekit.recipe.schema import Distributed, Group, Optimizer
 from moekit.train.engine import Fsdp2Engine, process_state
+from moekit.train.groups import select
 from moekit.train.module import TrainModule
 from moekit.train.outputs import load_model
 
@@ -63,11 +66,27 @@ def compare(ckpt: str, out: Path, mode: str) -> None:
     (out / f"params-{whole.rank}.json").write_text(json.dumps(result))
 
 
+def frozen_dtypes(ckpt: str, out: Path) -> None:
+    """FSDP2 in bf16 with only the routers trained: the dtype of every local shard, by parameter name."""
+    model = load_model(ckpt, where="worker", sharded=True)
+    module = TrainModule(model.train())
+    engine = Fsdp2Engine(Distributed(mode="fsdp2"), "bf16", 1, 1, None)
+    trained = set(select(module, [Group.model_validate("router")], "worker"))
+    engine.prepare(module, trained, Optimizer(lr=1e-3), lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1))
+    dtypes = {n: [str(local(p).dtype), n in trained] for n, p in module.named_parameters()}
+    (out / f"dtypes-{engine.rank}.json").write_text(json.dumps(dtypes))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ckpt, recipe, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     mode = sys.argv[4] if len(sys.argv) > 4 else "fsdp2"
     process_state()
+    if mode == "frozen":  # bf16 frozen shards (the default) against fp32 ones
+        frozen_dtypes(ckpt, out)
+        run_plan(load_plan(recipe, [f"output_dir={out}/sharded"]))
+        run_plan(load_plan(recipe, [f"output_dir={out}/whole", "stages[0].distributed.frozen_weights=fp32"]))
+        sys.exit(0)
     compare(ckpt, out, mode)
     run_plan(load_plan(recipe, [f"output_dir={out}/sharded"]))
     whole = ["stages[0].distributed.load=whole", "stages[0].distributed.gather=whole"]

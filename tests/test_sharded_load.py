@@ -153,6 +153,38 @@ def test_fsdp2_streamed_save_of_a_model_with_tied_embeddings(tmp_path):
     assert "lm_head.weight" not in saved_tensors(tmp_path / "sharded" / "moe" / "model")
 
 
+@pytest.mark.distributed
+def test_fsdp2_in_bf16_keeps_frozen_bf16_weights_in_bf16_with_the_same_losses_and_output(tmp_path):
+    """A checkpoint stored in bf16 (as released models are): under `precision: bf16` the frozen shards stay bf16,
+    the routers train with fp32 masters, and losses and the saved model equal those of fp32 shards."""
+    moe = moekit.upcycle(tiny_model("qwen2_5_vl"), moekit.UpcycleSpec(layers="interval:2", num_experts=3, top_k=2))
+    moe.to(torch.bfloat16).save_pretrained(tmp_path / "moe_in")
+    spec = stage(
+        "moe",
+        **{"from": {"path": str(tmp_path / "moe_in")}},
+        trainable=["router"],
+        steps=3,
+        grad_accum=2,
+        losses={"load_balancing": 0.0},
+        data_params={"kinds": ["text", "image"], "num_samples": 12},
+        distributed={"mode": "fsdp2"},
+        precision="bf16",
+    )
+    recipe = write_recipe(tmp_path, tmp_path / "moe_in", [spec])
+    worker = str(Path(__file__).with_name("sharded_load_worker.py"))
+    torchrun(str(tmp_path / "moe_in"), str(recipe), str(tmp_path), "frozen", script=worker)
+    for rank in (0, 1):
+        dtypes = json.loads((tmp_path / f"dtypes-{rank}.json").read_text())  # name -> (dtype, trained)
+        routers = {n: d for n, (d, trained) in dtypes.items() if trained}
+        assert routers and set(routers.values()) == {"torch.float32"}
+        frozen = {n: d for n, (d, trained) in dtypes.items() if not trained}
+        assert any(".experts." in n for n in frozen) and set(frozen.values()) == {"torch.bfloat16"}
+    sharded, whole = tmp_path / "sharded" / "moe", tmp_path / "whole" / "moe"
+    for key in ("loss", "loss/ce", "grad_norm"):
+        assert losses(sharded, key) == losses(whole, key), key  # the same bf16 compute: equal, not close
+    assert_same_checkpoint(whole / "model", sharded / "model")
+
+
 @pytest.mark.slow  # DeepSpeed builds its ops on first use (a minute); ~20 s each once built
 @pytest.mark.distributed
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")

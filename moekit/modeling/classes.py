@@ -67,7 +67,9 @@ class MoekitModelMixin:
         record = MoeRecord.of(self.config)
         self.config.moekit = record.to_json()  # stamped with this moekit's version
         state = dict(self.state_dict() if state_dict is None else state_dict)
-        reference = next(p for p in self.parameters())
+        # in the dtype of the first parameter as written (a sharded model may hold it in another)
+        first = next(n for n, _ in self.named_parameters())
+        reference = state.get(first, next(self.parameters()))
         state[guard_key(record)] = torch.zeros(0, dtype=reference.dtype)
         if not kwargs.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)

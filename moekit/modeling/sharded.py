@@ -59,6 +59,11 @@ class DeferredWeights:
         self.buffers = {n: k for n, _ in model.named_buffers() if (k := names.find(n, self.reader)) is not None}
         self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
 
+    def stored_dtype(self, name: str) -> str | None:
+        """The dtype parameter `name` is stored in (`bfloat16`, `float32`, ...), or None if it is not stored."""
+        key = self.keys.get(name)
+        return None if key is None else self.reader.dtype(key)
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Parameter `name` in float32, whole or only rows [start, stop) of its first dimension.
 
@@ -121,11 +126,11 @@ def materialize(weights: DeferredWeights, device: torch.device) -> int:
         if not _is_meta(param):
             return None
         if not isinstance(param, DTensor):
-            return weights.read(name).to(device)
+            return weights.read(name).to(device, param.dtype)
         if tuple(param.placements) != (Shard(0),) or param.ndim == 0:
             raise ShardedLoadError(f"{name}: placements {param.placements}; only Shard(0) loads by rows")
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        local = weights.read(name, (offset[0], offset[0] + shape[0])).to(device)
+        local = weights.read(name, (offset[0], offset[0] + shape[0])).to(device, param.dtype)
         return DTensor.from_local(
             local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )
@@ -138,7 +143,9 @@ def materialize_module(weights: DeferredWeights, module: nn.Module, device: torc
     many were filled."""
     prefix = next(name for name, sub in weights.model.named_modules(remove_duplicate=False) if sub is module)
     prefix = f"{prefix}." if prefix else ""
-    return _assign(module, lambda name, param: weights.read(prefix + name).to(device) if _is_meta(param) else None)
+    return _assign(
+        module, lambda name, param: weights.read(prefix + name).to(device, param.dtype) if _is_meta(param) else None
+    )
 
 
 def _is_meta(param: torch.Tensor) -> bool:

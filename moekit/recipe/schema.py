@@ -250,6 +250,11 @@ class Distributed(StrictModel):
         description="FSDP2, ZeRO-3, saving the output: auto gathers the decoder layers one tensor at a time as they are "
         "written; whole gathers the model on the main process first",
     )
+    frozen_weights: Literal["auto", "fp32"] = Field(
+        "auto",
+        description="FSDP2 with precision bf16: auto keeps frozen parameters the checkpoint stores in bf16 as bf16 "
+        "shards (computed in bf16 either way); fp32 keeps every shard in fp32",
+    )
     find_unused_parameters: bool = Field(
         False, description="DDP; not needed for moekit's own modules, which touch every trainable parameter"
     )

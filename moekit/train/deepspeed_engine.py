@@ -173,19 +173,7 @@ class DeepSpeedEngine(Engine):
     def layer_stream(self):
         if self.config.zero_stage != 3 or self.config.gather == "whole":
             return None  # ZeRO-2 keeps whole weights on every process
-        from moekit.train.stream_save import layer_stream
-
-        tensors = self.unwrapped().state_dict(keep_vars=True)  # ZeRO-3 partitions: nothing is gathered here
-        # The full shape and the saved dtype (fp32, as `full_state_dict`), for the plan.
-        planned = {
-            k: torch.empty(
-                tuple(getattr(t, "ds_shape", t.shape)),
-                dtype=torch.float32 if t.is_floating_point() else t.dtype,
-                device="meta",
-            )
-            for k, t in tensors.items()
-        }
-        return layer_stream(self.unwrapped(), planned, self.layers, lambda key: self._gather(tensors[key]))
+        return self._stream_layers(self.unwrapped())
 
     def _gather(self, tensor):
         # fp32 if floating, as `full_state_dict`; `GatheredParameters` frees the gathered copy again on exit

@@ -183,8 +183,25 @@ class Engine(abc.ABC):
         return None
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """One tensor of a sharded engine, full and on CPU in the main process (None elsewhere); a collective."""
+        """One tensor of a sharded engine, full and on CPU in the main process (None elsewhere), floating ones in
+        fp32 as the model was loaded; a collective."""
         raise NotImplementedError
+
+    def _stream_layers(self, module: nn.Module) -> LayerStream | None:
+        """`layer_stream` of a sharded engine: the plan from `module`'s shards or partitions (nothing gathered)."""
+        from moekit.train.stream_save import layer_stream
+
+        tensors = module.state_dict(keep_vars=True)
+        # The full shape (a ZeRO-3 partition's is `ds_shape`) and the saved dtype (fp32, as `_gather` gives it).
+        planned = {
+            k: torch.empty(
+                tuple(getattr(t, "ds_shape", t.shape)),
+                dtype=torch.float32 if t.is_floating_point() else t.dtype,
+                device="meta",
+            )
+            for k, t in tensors.items()
+        }
+        return layer_stream(module, planned, self.layers, lambda key: self._gather(tensors[key]))
 
     def _gathered_state(self, module: nn.Module, skip: Collection[str]) -> dict[str, torch.Tensor] | None:
         """`module`'s state tensor by tensor (`_gather`), so that the `skip` keys are never gathered, and a tied
@@ -297,6 +314,8 @@ class Fsdp2Engine(Engine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         deferred = module.deferred
+        if deferred is not None and self.precision == "bf16" and self.config.frozen_weights == "auto":
+            frozen_in_bf16(module, trainable, deferred)
         if deferred is None:
             module.to(self.device)  # otherwise fully_shard moves what is real and leaves the meta layers be
         policy = MixedPrecisionPolicy(
@@ -344,16 +363,29 @@ class Fsdp2Engine(Engine):
         return self._gathered_state(self.module, skip)
 
     def layer_stream(self):
-        if self.config.gather == "whole":
-            return None
-        from moekit.train.stream_save import layer_stream
-
-        state = self.module.state_dict(keep_vars=True)  # this process's shards (DTensors): nothing is gathered
-        return layer_stream(self.module, state, self.layers, lambda key: self._gather(state[key]))
+        return None if self.config.gather == "whole" else self._stream_layers(self.module)
 
     def _gather(self, tensor):
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        return full.detach().cpu() if self.is_main else None
+        if not self.is_main:
+            return None  # a frozen parameter kept in bf16 (`frozen_in_bf16`) is saved in fp32, as before
+        return full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype)
+
+
+def frozen_in_bf16(module: nn.Module, trainable: set[str], deferred: Any) -> int:
+    """Under FSDP2 with `precision: bf16`, keep the frozen parameters that the checkpoint stores in bf16 in bf16.
+    The mixed-precision policy gives every layer's compute copy in bf16 anyway, so the forward and backward do
+    not change. The saved values do not change either: the stored ones were bf16. Only their shards halve.
+    Parameters trained in any phase keep fp32 masters. Returns how many were cast."""
+    trained = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in trainable}  # tied too
+    cast = 0
+    for name, param in hf_model(module.model).named_parameters():
+        if id(param) in trained or not param.is_floating_point() or param.dtype == torch.bfloat16:
+            continue
+        if deferred.stored_dtype(name) == "bfloat16":
+            param.data = param.data.to(torch.bfloat16)  # meta stays meta; the rest was read from bf16: exact
+            cast += 1
+    return cast
 
 
 def layers_path(module: nn.Module) -> str:

@@ -12,6 +12,7 @@ format, stage, steps; `recipe.yaml`: the recipe that made it; see `moekit.config
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,6 +127,18 @@ def read_ffn_state(path: str | Path, model: nn.Module, where: str) -> dict[str, 
     return out
 
 
+def _name_saved_dtype(config_file: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """config.json's `dtype` names the first parameter as written, not as held: `save_pretrained` reads the
+    model's, which under FSDP2 in bf16 may be a frozen one kept in bf16 while every saved tensor is fp32."""
+    first = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
+    written = state.get(first) if first is not None else None
+    config = json.loads(config_file.read_text())
+    name = None if written is None else str(written.dtype).removeprefix("torch.")
+    if name is not None and config.get("dtype") not in (None, name):
+        config["dtype"] = name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_output(
     target: Path,
     fmt: str,
@@ -157,6 +170,7 @@ def save_output(
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            _name_saved_dtype(tmp / "config.json", model, state)
             if stream is not None:
                 stream.write(tmp, model)
             if heads:
