@@ -41,13 +41,14 @@ def streamed(model, directory: Path, **save_kwargs) -> list[str]:
     """Save `model` the streamed way into `directory`; the keys gathered, in order."""
     module = TrainModule(model)
     state = module.state_dict()
+    keys = {id(t): k for k, t in module.state_dict(keep_vars=True).items()}
     order: list[str] = []
 
-    def gather(key):
-        order.append(key)
-        return state[key].detach().clone()
+    def gather(tensor):
+        order.append(keys[id(tensor)])
+        return tensor.detach().clone()
 
-    stream = layer_stream(module, state, resolve_arch(model).layers, gather)
+    stream = layer_stream(module, resolve_arch(model).layers, gather)
     assert stream is not None
     rest = {k.removeprefix("model."): v for k, v in state.items() if k not in stream.saved}
     model.save_pretrained(directory, state_dict=rest, **save_kwargs)
@@ -111,8 +112,7 @@ def test_tied_and_converted_tensors_stay_with_the_rest():
     module = TrainModule(model)
     layer = module.model.model.language_model.layers[0]
     layer.mlp.up_proj.weight = layer.mlp.gate_proj.weight  # a tie inside a layer: left to save_pretrained
-    state = module.state_dict()
-    stream = layer_stream(module, state, resolve_arch(model).layers, lambda key: state[key])
+    stream = layer_stream(module, resolve_arch(model).layers, lambda tensor: tensor)
     prefix = "model.model.language_model.layers.0.mlp."
     assert f"{prefix}gate_proj.weight" not in stream.saved and f"{prefix}up_proj.weight" not in stream.saved
     assert stream.saved[f"{prefix}down_proj.weight"] == "model.layers.0.mlp.down_proj.weight"  # renamed as saved

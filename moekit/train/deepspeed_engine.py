@@ -161,7 +161,9 @@ class DeepSpeedEngine(Engine):
 
     def full_state_dict(self, skip=()):
         if skip:  # the streamed save's rest
-            return self._gathered_state(self.unwrapped(), skip)
+            from moekit.train.stream_save import gathered_state
+
+            return gathered_state(self.unwrapped(), skip, self._gather, self.is_main)
         if self.config.zero_stage == 3:
             state = self.module._zero3_consolidated_16bit_state_dict()
         else:
@@ -173,10 +175,13 @@ class DeepSpeedEngine(Engine):
     def layer_stream(self):
         if self.config.zero_stage != 3 or self.config.gather == "whole":
             return None  # ZeRO-2 keeps whole weights on every process
-        return self._stream_layers(self.unwrapped())
+        from moekit.train.stream_save import layer_stream
 
-    def _gather(self, tensor):
-        # fp32 if floating, as `full_state_dict`; `GatheredParameters` frees the gathered copy again on exit
+        return layer_stream(self.unwrapped(), self.layers, self._gather)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor on CPU (fp32 if floating, as `full_state_dict`) in the main process, None elsewhere;
+        a collective for a ZeRO-3 partition (`GatheredParameters` frees the gathered copy again on exit)."""
         partitioned = [tensor] if hasattr(tensor, "ds_id") else []
         with deepspeed_module().zero.GatheredParameters(partitioned, modifier_rank=None):
             if not self.is_main:

@@ -182,41 +182,6 @@ class Engine(abc.ABC):
         go in `full_state_dict`'s `skip`); None: the whole state is gathered at once."""
         return None
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """One tensor of a sharded engine, full and on CPU in the main process (None elsewhere), floating ones in
-        fp32 as the model was loaded; a collective."""
-        raise NotImplementedError
-
-    def _stream_layers(self, module: nn.Module) -> LayerStream | None:
-        """`layer_stream` of a sharded engine: the plan from `module`'s shards or partitions (nothing gathered)."""
-        from moekit.train.stream_save import layer_stream
-
-        tensors = module.state_dict(keep_vars=True)
-        # The full shape (a ZeRO-3 partition's is `ds_shape`) and the saved dtype (fp32, as `_gather` gives it).
-        planned = {
-            k: torch.empty(
-                tuple(getattr(t, "ds_shape", t.shape)),
-                dtype=torch.float32 if t.is_floating_point() else t.dtype,
-                device="meta",
-            )
-            for k, t in tensors.items()
-        }
-        return layer_stream(module, planned, self.layers, lambda key: self._gather(tensors[key]))
-
-    def _gathered_state(self, module: nn.Module, skip: Collection[str]) -> dict[str, torch.Tensor] | None:
-        """`module`'s state tensor by tensor (`_gather`), so that the `skip` keys are never gathered, and a tied
-        parameter once, as the same tensor under each of its keys: `save_pretrained` then writes it once, as it
-        does for an unsharded model (torch's `get_model_state_dict` returns separate copies, and the head of a
-        tied model was saved twice)."""
-        gathered: dict[int, torch.Tensor | None] = {}
-        state = {}
-        for key, value in module.state_dict(keep_vars=True).items():
-            if key not in skip:
-                if id(value) not in gathered:
-                    gathered[id(value)] = self._gather(value)
-                state[key] = gathered[id(value)]
-        return state if self.is_main else None
-
     def _layer_units(self, module: nn.Module) -> list[nn.Module]:
         """The decoder layers (at `self.layers`), each its own shard unit: FSDP2 gathers them one at a time. The
         vision tower stays with the root because a process whose micro-batch holds no image or video skips it,
@@ -360,32 +325,36 @@ class Fsdp2Engine(Engine):
         return float(norm)
 
     def full_state_dict(self, skip=()):
-        return self._gathered_state(self.module, skip)
+        from moekit.train.stream_save import gathered_state
+
+        return gathered_state(self.module, skip, self._gather, self.is_main)
 
     def layer_stream(self):
-        return None if self.config.gather == "whole" else self._stream_layers(self.module)
+        if self.config.gather == "whole":
+            return None
+        from moekit.train.stream_save import layer_stream
 
-    def _gather(self, tensor):
+        return layer_stream(self.module, self.layers, self._gather)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The full tensor on CPU in the main process (None elsewhere); a collective for a sharded one."""
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         if not self.is_main:
             return None  # a frozen parameter kept in bf16 (`frozen_in_bf16`) is saved in fp32, as before
         return full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype)
 
 
-def frozen_in_bf16(module: nn.Module, trainable: set[str], deferred: Any) -> int:
+def frozen_in_bf16(module: nn.Module, trainable: set[str], deferred: Any) -> None:
     """Under FSDP2 with `precision: bf16`, keep the frozen parameters that the checkpoint stores in bf16 in bf16.
     The mixed-precision policy gives every layer's compute copy in bf16 anyway, so the forward and backward do
     not change. The saved values do not change either: the stored ones were bf16. Only their shards halve.
-    Parameters trained in any phase keep fp32 masters. Returns how many were cast."""
+    Parameters trained in any phase keep fp32 masters."""
     trained = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in trainable}  # tied too
-    cast = 0
     for name, param in hf_model(module.model).named_parameters():
         if id(param) in trained or not param.is_floating_point() or param.dtype == torch.bfloat16:
             continue
         if deferred.stored_dtype(name) == "bfloat16":
             param.data = param.data.to(torch.bfloat16)  # meta stays meta; the rest was read from bf16: exact
-            cast += 1
-    return cast
 
 
 def layers_path(module: nn.Module) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,19 +79,18 @@ class LayerStream:
 
 
 def layer_stream(
-    module: nn.Module, state: dict[str, torch.Tensor], layers: str, gather: Callable[[str], torch.Tensor | None]
+    module: nn.Module, layers: str, gather: Callable[[torch.Tensor], torch.Tensor | None]
 ) -> LayerStream | None:
-    """The streamable decoder-layer tensors of `module` (a `TrainModule` without LoRA), or None when none are.
-
-    `state` maps the wrapped module's state keys to tensors of their full shape and saved dtype (DTensors, meta
-    tensors): only those are read. `layers` is where the decoder layers are in the model (`resolve_arch`)."""
+    """The streamable decoder-layer tensors of `module` (a `TrainModule` without LoRA, maybe sharded or
+    partitioned), or None when none are. `layers` is where the decoder layers are in the model (`resolve_arch`);
+    `gather(tensor)` gives one of `module`'s tensors full on CPU in fp32 (floating) on the main process."""
     model = module.model
     layers = f"model.{layers}."
     names = KeyNames(model)
     ignored = set(model._keys_to_ignore_on_save or ())
-    tensors = module.state_dict(keep_vars=True)  # tied keys map to one object
+    tensors = module.state_dict(keep_vars=True)  # shards or partitions, nothing gathered; tied keys: one object
     owners = Counter(id(t) for t in tensors.values())
-    parts = {k: names.parts(k.removeprefix("model.")) for k in state if k.startswith(layers)}
+    parts = {k: names.parts(k.removeprefix("model.")) for k in tensors if k.startswith(layers)}
     uses = Counter(n for p in parts.values() for n in p)
     saved = {
         k: p[0]
@@ -100,9 +99,27 @@ def layer_stream(
     }
     if not saved:
         return None
-    shapes = {k: tuple(state[k].shape) for k in saved}
-    dtypes = {k: state[k].dtype for k in saved}
-    return LayerStream(saved, shapes, dtypes, gather)
+    # The full shape (a ZeRO-3 partition's is `ds_shape`) and the saved dtype (fp32, as `gather` gives it).
+    shapes = {k: tuple(getattr(tensors[k], "ds_shape", tensors[k].shape)) for k in saved}
+    dtypes = {k: torch.float32 if tensors[k].is_floating_point() else tensors[k].dtype for k in saved}
+    return LayerStream(saved, shapes, dtypes, lambda key: gather(tensors[key]))
+
+
+def gathered_state(
+    module: nn.Module, skip: Collection[str], gather: Callable[[torch.Tensor], torch.Tensor | None], is_main: bool
+) -> dict[str, torch.Tensor] | None:
+    """`module`'s state tensor by tensor (`gather`, every process), so that the `skip` keys are never gathered,
+    and a tied parameter once, as the same tensor under each of its keys: `save_pretrained` then writes it once,
+    as it does for an unsharded model (torch's `get_model_state_dict` returns separate copies, and the head of a
+    tied model was saved twice). None outside the main process."""
+    done: dict[int, torch.Tensor | None] = {}
+    state = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        if key not in skip:
+            if id(value) not in done:
+                done[id(value)] = gather(value)
+            state[key] = done[id(value)]
+    return state if is_main else None
 
 
 def _weight_map(directory: Path) -> dict[str, str]:
