@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--summarize", type=Path, nargs="+", help="only print the spread of ratios over these --json files")
     p.add_argument("--profile", action="store_true", help="only profile moekit's default block and dense k*T")
     p.add_argument("--gemm-ceiling", action="store_true", help="only time the matmuls: dense k*T's vs the experts'")
+    p.add_argument(
+        "--call-cost",
+        action="store_true",
+        help="only fit t(M) = fixed + per-row of one projection's matmul and print the ratio it allows per T",
+    )
     p.add_argument("--tie", type=float, default=0.03, help="ratio margin within which moekit ties the best stock")
     return p.parse_args(argv)
 
@@ -367,6 +372,49 @@ def gemm_ceiling(candidates: list[Candidate], tokens: int, args, dtype, device) 
     )
 
 
+def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares `y = a + b x`: (a, b)."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - b * mean_x, b
+
+
+def call_cost(args, dtype, device) -> str:
+    """Fit `t(M) = fixed + M * per_row` to each projection's matmul at several row counts M (weights rotated so
+    none stays in the core's caches), then bound the MoE block: it calls every projection once per expert,
+    dense k*T once, so the E - 1 extra calls' fixed cost (packing the weight, reading it from memory) is added
+    at any T. The bound is dense / (dense + extra) on the GEMMs alone, before any routing cost."""
+    H, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
+    rows = [64, 128, 256, 512, 1024, 2048]
+    shapes = {"gate_up": (2 * I, H), "down": (H, I)}
+    fits, lines = {}, []
+    for name, (n_out, n_in) in shapes.items():
+        weights = [torch.randn(n_out, n_in, device=device).to(dtype) for _ in range(4)]
+        xs = {m: torch.randn(m, n_in, device=device).to(dtype) for m in rows}
+        outs = {m: torch.empty(m, n_out, device=device, dtype=dtype) for m in rows}
+        times = {m: [] for m in rows}
+        for r in range(args.repeats + 2):
+            for j, m in enumerate(rows[r % len(rows) :] + rows[: r % len(rows)]):
+                w = weights[(r + j) % len(weights)]
+                times[m].append(_timed(lambda x=xs[m], w=w, o=outs[m]: torch.mm(x, w.t(), out=o), device))
+        med = {m: statistics.median(times[m][2:]) for m in rows}
+        fixed, per_row = fits[name] = line_fit(rows, [med[m] for m in rows])
+        mb = n_out * n_in * weights[0].element_size() / 1e6
+        lines.append(
+            f"{name} [{n_out}x{n_in}] ({mb:.1f} MB): {fixed:.2f} ms per call + {per_row * 1e3:.2f} ms per 1000 rows "
+            f"(medians by M: {', '.join(f'{m}: {med[m]:.2f}' for m in rows)})"
+        )
+    extra = (E - 1) * sum(fixed for fixed, _ in fits.values())
+    for tokens in args.tokens:
+        dense = sum(fixed + k * tokens * per_row for fixed, per_row in fits.values())
+        lines.append(
+            f"T={tokens}: dense k*T GEMMs ~{dense:.1f} ms, the experts' {E - 1} extra calls per projection "
+            f"+{extra:.1f} ms: at most {dense / (dense + extra):.2f} of dense k*T"
+        )
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    return "\n".join(f"{name}: {line}" for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summarize:
@@ -380,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     all_results, all_notes = [], []
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
+        if args.call_cost:
+            print(call_cost(args, dtype, device), flush=True)
+            continue
         candidates = build_candidates(args, dtype, device)
         for tokens in args.tokens:
             if args.profile:
@@ -395,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             all_results += results
             all_notes += notes
             print(markdown_table(results), flush=True)
-    if args.profile or args.gemm_ceiling:
+    if args.profile or args.gemm_ceiling or args.call_cost:
         return 0
     load_after = os.getloadavg()
     all_notes.append(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}")

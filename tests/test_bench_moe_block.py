@@ -76,3 +76,13 @@ def test_bench_times_the_gemm_ceiling(bench, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("T=8 bf16: GEMMs only"))
     counts = [int(c) for c in line.split("[")[1].split("]")[0].split(", ")]
     assert sum(counts) == 16 and float(line.rsplit(" ", 1)[1]) > 0  # k*T slots over the experts
+
+
+def test_bench_fits_the_fixed_cost_per_matmul_call(bench, capsys):
+    assert bench.line_fit([1, 2, 4, 8], [2 + 3 * x for x in (1, 2, 4, 8)]) == pytest.approx((2.0, 3.0))
+    args = "--call-cost --tokens 8 64 --hidden 16 --intermediate 24 --repeats 1 --threads 1 --dtype fp32"
+    assert bench.main(args.split()) == 0
+    printed = capsys.readouterr().out
+    assert "fp32: gate_up [48x16]" in printed and "fp32: down [16x24]" in printed
+    bounds = [float(x.rsplit(" ", 4)[1]) for x in printed.splitlines() if x.startswith("fp32: T=")]
+    assert len(bounds) == 2  # one bound per T
