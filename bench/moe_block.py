@@ -380,8 +380,8 @@ def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def call_cost(args, dtype, device) -> str:
-    """Fit `t(M) = fixed + M * per_row` to each projection's matmul at several row counts M (weights rotated so
-    none stays in the core's caches), then bound the MoE block: it calls every projection once per expert,
+    """Fit `t(M) = fixed + M * per_row` to each projection's matmul at several row counts M (four weights rotated,
+    as the experts of one layer are), then bound the MoE block: it calls every projection once per expert,
     dense k*T once, so the E - 1 extra calls' fixed cost (packing the weight, reading it from memory) is added
     at any T. The bound is dense / (dense + extra) on the GEMMs alone, before any routing cost."""
     H, I, E, k = args.hidden, args.intermediate, args.experts, args.top_k
