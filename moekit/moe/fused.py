@@ -18,6 +18,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.activations import SiLUActivation
 
+from moekit.moe.workspace import scratch
+
 # Activations whose forward is `F.silu`: their backward is aten's `silu_backward`, called directly.
 _SILU = (nn.SiLU, SiLUActivation)
 _HALF = (torch.bfloat16, torch.float16)
@@ -86,10 +88,13 @@ def _slot_mix(rows: torch.Tensor, inverse: torch.Tensor, w: torch.Tensor, top_k:
     """`[T*k, H]` in expert order -> `[T, H]`: `sum_j w[t, j] * row(t, j)`, as the batched matmul that used to mix
     the slots computed it: each product rounded, then summed; in low precision summed in fp32 (a product of two
     bf16 values is exact there) and rounded once."""
-    per_slot = rows.index_select(0, inverse).view(-1, top_k, rows.shape[1])
+    per_slot = torch.index_select(rows, 0, inverse, out=scratch("slots", tuple(rows.shape), rows))
+    per_slot = per_slot.view(-1, top_k, rows.shape[1])
     half = rows.dtype in _HALF
     w = w.view(-1, top_k, 1).to(torch.float32 if half else rows.dtype)
-    mixed = torch.mul(per_slot[:, 0], w[:, 0])
+    # Summed in the workspace when it is rounded into a new tensor at the end; else it is the result.
+    into = scratch("mix", (per_slot.shape[0], rows.shape[1]), rows, torch.float32) if half else None
+    mixed = torch.mul(per_slot[:, 0], w[:, 0], out=into) if half else torch.mul(per_slot[:, 0], w[:, 0])
     for j in range(1, top_k):
         if half:  # exact products: a fused multiply-add rounds just as often
             mixed.addcmul_(per_slot[:, j], w[:, j])
@@ -105,18 +110,22 @@ class _RoutedMlps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, up_w, up_b, down_w, down_b, order, inverse, counts, top_k, act, gated):
-        routed, training = order is not None, any(ctx.needs_input_grad)
+    def forward(ctx, x, w, up_w, up_b, down_w, down_b, order, inverse, counts, top_k, act, gated, grad_enabled):
+        # `needs_input_grad` is set under `torch.no_grad()` too (and grad mode is always off in here): the caller's
+        # grad mode says whether a backward can follow, and so whether the full per-slot tensors must be kept.
+        routed, training = order is not None, grad_enabled and any(ctx.needs_input_grad)
         slots, width = sum(counts), max(counts, default=0)
-        out_all = x.new_empty(slots, down_w.shape[1])  # every slot's output row, in expert order
-        # Saved for backward when training, else one block-sized buffer reused by every expert.
+        # Every slot's output row, in expert order: the result unless the slots are mixed afterwards.
+        out_shape = (slots, down_w.shape[1])
+        out_all = scratch("out", out_shape, x) if routed and not training else x.new_empty(out_shape)
+        # Saved for backward when training, else one block-sized buffer reused by every expert (and every call).
         pre_all = x.new_empty(slots, up_w.shape[1]) if training else None
         mid_all = x.new_empty(slots, down_w.shape[2]) if training else None
-        pre_buf = None if training else x.new_empty(width, up_w.shape[1])
-        mid_buf = None if training else x.new_empty(width, down_w.shape[2])
+        pre_buf = None if training else scratch("pre", (width, up_w.shape[1]), x)
+        mid_buf = None if training else scratch("mid", (width, down_w.shape[2]), x)
         tok = x_buf = None
         if routed:
-            tok, x_buf = order // top_k, x.new_empty(width, x.shape[1])
+            tok, x_buf = order // top_k, scratch("x", (width, x.shape[1]), x)
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -146,16 +155,17 @@ class _RoutedMlps(torch.autograd.Function):
         acc = torch.float32 if routed and x.dtype in _HALF else x.dtype
         grad_x = None  # routed: each slot's input gradient in expert order, summed per token at the end
         if need[0]:
-            grad_x = x.new_empty(slots, x.shape[1]) if routed else torch.empty_like(x)
+            grad_x = scratch("grad_x", (slots, x.shape[1]), x) if routed else torch.empty_like(x)
         grad_w = x.new_empty(slots, dtype=acc) if routed and need[1] else None
         grad_up_w = torch.empty_like(up_w) if need[2] else None
         grad_up_b = up_w.new_empty(up_w.shape[:2]) if need[3] and ctx.has_bias[0] else None
         grad_down_w = torch.empty_like(down_w) if need[4] else None
         grad_down_b = down_w.new_empty(down_w.shape[:2]) if need[5] and ctx.has_bias[1] else None
         per_expert = [g for g in (grad_up_w, grad_up_b, grad_down_w, grad_down_b) if g is not None]
-        g_buf = x.new_empty(width, grad.shape[1]) if routed else None
-        x_buf = x.new_empty(width, x.shape[1]) if routed else None
-        g_mid_buf, g_pre_buf = x.new_empty(width, mid_all.shape[1]), x.new_empty(width, pre_all.shape[1])
+        g_buf = scratch("grad", (width, grad.shape[1]), x) if routed else None
+        x_buf = scratch("x", (width, x.shape[1]), x) if routed else None
+        g_mid_buf = scratch("grad_mid", (width, mid_all.shape[1]), x)
+        g_pre_buf = scratch("grad_pre", (width, pre_all.shape[1]), x)
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:  # an expert without tokens gets a zero gradient
@@ -187,7 +197,7 @@ class _RoutedMlps(torch.autograd.Function):
             grad_x = None if grad_x is None else _slot_sum(grad_x, inverse, ctx.top_k)
             grad_w = None if grad_w is None else grad_w.index_select(0, inverse).to(x.dtype)
         grads = (grad_x, grad_w, grad_up_w, grad_up_b, grad_down_w, grad_down_b)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _expert_mlps_autograd(x, counts, up_w, down_w, act, gated, up_b, down_b) -> torch.Tensor:
@@ -233,7 +243,7 @@ def expert_mlps(
     if not fused_supported(act, x):
         return _expert_mlps_autograd(x, counts, up_weight, down_weight, act, gated, up_bias, down_bias)
     args = (up_weight, up_bias, down_weight, down_bias, None, None, counts, 1, act, gated)
-    return _RoutedMlps.apply(x.contiguous(), None, *args)
+    return _RoutedMlps.apply(x.contiguous(), None, *args, torch.is_grad_enabled())
 
 
 def routed_mlps(
@@ -254,4 +264,4 @@ def routed_mlps(
     k slots, the slots sorted by expert as `moekit.moe.slots.slot_order` gives them (`order`, `inverse`,
     `counts`). Needs `fused_supported(act, x)`."""
     args = (up_weight, up_bias, down_weight, down_bias, order, inverse, counts, weight.shape[1], act, gated)
-    return _RoutedMlps.apply(x, weight.reshape(-1), *args)
+    return _RoutedMlps.apply(x, weight.reshape(-1), *args, torch.is_grad_enabled())
