@@ -33,6 +33,7 @@ def test_bench_runs_and_candidates_agree(bench, tmp_path, capsys):
     assert (40, "fp32", "moekit eager (default)") in names and (40, "bf16", "moekit eager (default)") in names
     dense = [r for r in data["results"] if r["name"] == "dense k*T"]
     assert len(dense) == 4 and all(r["fwd_ratio"] == 1.0 and len(r["fwdbwd_ms"]) == 1 for r in dense)
+    assert all(len(r["fwd_faults"]) == 1 and r["fwd_faults"][0] >= 0 for r in data["results"])
     diffs = {n.split(":")[0]: float(n.rsplit(" ", 1)[1]) for n in data["notes"] if "largest output difference" in n}
     assert len(diffs) == 4 and max(diffs["T=8 fp32"], diffs["T=40 fp32"]) < 1e-5  # moekit and stock agree
     assert max(diffs["T=8 bf16"], diffs["T=40 bf16"]) < 0.1  # bf16: other kernels, other roundings
