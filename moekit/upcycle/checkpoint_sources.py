@@ -55,12 +55,13 @@ class CheckpointSource:
         shapes = fused_shapes(self.adapter.ffn, {name: [self.reader.shape(k) for k in ks] for name, ks in keys.items()})
         return {name: (shapes[name], self.reader.dtype(ks[0])) for name, ks in keys.items()}
 
-    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+    def tensors(self, layer: int, scratch: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s FFN in the fused convention; `scratch` reuses the joined `up` (`FfnLayout.fuse`)."""
         parts = {name: [self.reader.get(k) for k in keys] for name, keys in self.ffn_keys(layer).items()}
         for name in ("up", "up_bias"):
             if name in parts and len(parts[name]) == 1 and self.swapped(layer, name):
                 parts[name] = [torch.cat(parts[name][0].chunk(2, 0)[::-1], 0)]  # gate rows first, as moekit fuses
-        return fuse_state(self.adapter.ffn, parts)
+        return fuse_state(self.adapter.ffn, parts, scratch)
 
 
 class LoraSource:
@@ -158,8 +159,8 @@ class LoraSource:
                 f"{in_features} -> {out_features}; is this adapter for another base model?"
             )
 
-    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        out = dict(self.base.tensors(layer))
+    def tensors(self, layer: int, scratch: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        out = dict(self.base.tensors(layer, scratch))
         ffn, prefix = self.adapter.ffn, self.adapter.ffn_prefix(layer)
         up, down = out["up"], out["down"]
         if ffn.kind == "gated":

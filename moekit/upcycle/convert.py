@@ -210,6 +210,7 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
     full = plan.full_specialists() if spec.non_expert == "average" else []
     cache: dict[int, dict[str, torch.Tensor]] = {}
     buffers: dict[str, torch.Tensor] = {}  # expert stacks, reused from layer to layer
+    scratch: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)  # each source's joined gate|up, likewise
     ffn_prefix, moe_prefix, layer_prefix = {}, {}, {}  # as the checkpoint names them
     for layer in plan.layers:
         down_key = plan.base_source.ffn_keys(layer)["down"][0]
@@ -222,10 +223,16 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
         # One MoE layer's experts are built once, kept until all their tensors are written, then dropped.
         if layer not in cache:
             cache.clear()
-            base_tensors = plan.base_source.tensors(layer)
+            # The sources' results are stacked (copied) below, so their buffers are free again for the next layer.
+            base_tensors = plan.base_source.tensors(layer, scratch[-1])
             per_expert = [
                 expert_tensors(
-                    spec, i, layer, base_tensors if s is None else s.tensors(layer), adapter.ffn.gated, plan.inits[i]
+                    spec,
+                    i,
+                    layer,
+                    base_tensors if s is None else s.tensors(layer, scratch[i]),
+                    adapter.ffn.gated,
+                    plan.inits[i],
                 )
                 for i, s in enumerate(plan.sources)
             ]
