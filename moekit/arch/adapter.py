@@ -556,7 +556,7 @@ def fuse_state(
 def _joined_buffer(weights: list[torch.Tensor], scratch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
     """The buffer `scratch` keeps for a joined `up`, (re)made to fit `weights`; None without scratch. A streaming
     conversion joins one gate|up per expert and layer: a fresh tensor each time is mapped and zeroed anew by the
-    C library (3.2 M page faults and ~9 s on a 16.85 GB conversion), a kept one is not."""
+    C library (about half of the 3-4 M page faults of a 16.85 GB conversion), a kept one is not."""
     if scratch is None:
         return None
     shape, dtype = (sum(w.shape[0] for w in weights), *weights[0].shape[1:]), weights[0].dtype
