@@ -101,27 +101,3 @@ def test_a_model_type_moekit_does_not_list_is_found_by_structure_or_override():
     assert not found.known and found.auto == "causal-lm" and found.model_class == "LlamaForCausalLM"
     adapter = resolve_arch(model, moekit.ArchOverride(layers="model.layers", mlp="mlp", image_token_ids=[7]))
     assert adapter.ffn.kind == "gated" and adapter.image_token_ids == (7,) and not adapter.known
-
-
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fuse_with_scratch_reuses_one_buffer_and_gives_the_same_tensors(transposed):
-    """A streaming conversion joins gate|up per expert and layer into the buffer its scratch dict keeps."""
-    from moekit.arch.adapter import FfnLayout
-
-    layout = FfnLayout("gated", gate="gate_proj", up="up_proj", down="down_proj", transposed=transposed)
-    torch.manual_seed(0)
-    layers = [[torch.randn(6, 4), torch.randn(6, 4), torch.randn(5, 6)] for _ in range(3)]
-    scratch = {}
-    ptrs = []
-    for gate, up, down in layers:
-        expected = layout.fuse([gate, up], [None, None], down, None)
-        got = layout.fuse([gate, up], [None, None], down, None, scratch)
-        assert torch.equal(got["up"], expected["up"]) and torch.equal(got["down"], expected["down"])
-        assert got["up"].data_ptr() != gate.data_ptr()
-        ptrs.append(got["up"].data_ptr())
-    assert len(set(ptrs)) == 1 and scratch["up"].data_ptr() == ptrs[0]
-    wider = layout.fuse([torch.randn(8, 4), torch.randn(8, 4)], [None, None], torch.randn(5, 8), None, scratch)
-    assert wider["up"].shape == ((8, 8) if transposed else (16, 4))  # remade to fit, and kept
-    assert scratch["up"].data_ptr() == wider["up"].data_ptr()
-    gate, up, down = layers[0]
-    assert layout.fuse([gate, up], [None, None], down, None)["up"].data_ptr() != scratch["up"].data_ptr()

@@ -326,3 +326,37 @@ def test_moekit_upcycle_help_documents_the_command():
     assert result.exit_code == 0
     for flag in ("--base", "--expert", "--layers", "--top-k", "--overwrite", "--quiet", "--set", "--allow-pickle"):
         assert flag in result.output
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_joined_gate_up_goes_into_one_kept_buffer_with_the_same_values(transposed):
+    """A streaming conversion joins gate|up per expert and layer into the buffer `kept_buffer` holds for it."""
+    from moekit.arch.adapter import FfnLayout, fused_shapes
+    from moekit.upcycle.checkpoint_sources import kept_buffer
+
+    layout = FfnLayout("gated", gate="gate_proj", up="up_proj", down="down_proj", transposed=transposed)
+
+    def joined(gate, up, down, scratch=None):
+        out = None
+        if scratch is not None:
+            shape = fused_shapes(layout, {"up": [tuple(gate.shape), tuple(up.shape)]})["up"]
+            out = kept_buffer(scratch, "up", shape, gate.dtype)
+        return layout.fuse([gate, up], [None, None], down, None, out)
+
+    torch.manual_seed(0)
+    layers = [[torch.randn(6, 4), torch.randn(6, 4), torch.randn(5, 6)] for _ in range(3)]
+    scratch = {}
+    ptrs = []
+    for gate, up, down in layers:
+        expected = joined(gate, up, down)
+        got = joined(gate, up, down, scratch)
+        assert torch.equal(got["up"], expected["up"]) and torch.equal(got["down"], expected["down"])
+        assert got["up"].data_ptr() != gate.data_ptr()
+        ptrs.append(got["up"].data_ptr())
+    assert len(set(ptrs)) == 1 and scratch["up"].data_ptr() == ptrs[0]
+    wider = joined(torch.randn(8, 4), torch.randn(8, 4), torch.randn(5, 8), scratch)
+    assert wider["up"].shape == ((8, 8) if transposed else (16, 4))  # remade to fit, and kept
+    assert scratch["up"].data_ptr() == wider["up"].data_ptr()
+    gate, up, down = layers[0]
+    assert joined(gate, up, down)["up"].data_ptr() != scratch["up"].data_ptr()
+    assert kept_buffer(scratch, "up", (16, 4) if not transposed else (8, 8), torch.bfloat16).dtype == torch.bfloat16

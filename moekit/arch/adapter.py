@@ -63,16 +63,14 @@ class FfnLayout:
         biases: list[torch.Tensor | None],
         down: torch.Tensor,
         down_bias,
-        scratch: dict[str, torch.Tensor] | None = None,
+        up_out: torch.Tensor | None = None,
     ):
         """moekit's fused convention from the projections as stored (`weights`/`biases` of gate then up, or of
-        the one up matrix): `up` [2I, H] gate rows first (gated, fused) or [I, H], `down` [H, I], biases.
-
-        With `scratch`, a dict the caller keeps from call to call, a joined `up` is written into the buffer it holds
-        from the previous call (same shape and dtype), so that result must no longer be in use."""
+        the one up matrix): `up` [2I, H] gate rows first (gated, fused) or [I, H], `down` [H, I], biases. Joined
+        projections are written into `up_out` when given (of the fused shape and the weights' dtype)."""
         if self.transposed:
             weights, down = [w.t() for w in weights], down.t()
-        up = weights[0] if len(weights) == 1 else torch.cat(weights, 0, out=_joined_buffer(weights, scratch))
+        up = weights[0] if len(weights) == 1 else torch.cat(weights, 0, out=up_out)
         bias = None if biases[0] is None else (biases[0] if len(biases) == 1 else torch.cat(biases, 0))
         if self.kind == "fused" and not self.gate_first:
             up = torch.cat(up.chunk(2, 0)[::-1], 0)
@@ -545,26 +543,12 @@ def ffn_state_keys(layout: FfnLayout, prefix: str) -> dict[str, list[str]]:
 
 
 def fuse_state(
-    layout: FfnLayout, parts: dict[str, list[torch.Tensor]], scratch: dict[str, torch.Tensor] | None = None
+    layout: FfnLayout, parts: dict[str, list[torch.Tensor]], up_out: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """`ffn_state_keys`' tensors (as read from a state dict or checkpoint) in the fused convention (`scratch`: see
+    """`ffn_state_keys`' tensors (as read from a state dict or checkpoint) in the fused convention (`up_out`: see
     `FfnLayout.fuse`)."""
     up_bias, down_bias = parts.get("up_bias") or [None], (parts.get("down_bias") or [None])[0]
-    return layout.fuse(parts["up"], up_bias, parts["down"][0], down_bias, scratch)
-
-
-def _joined_buffer(weights: list[torch.Tensor], scratch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
-    """The buffer `scratch` keeps for a joined `up`, (re)made to fit `weights`; None without scratch. A streaming
-    conversion joins one gate|up per expert and layer: a fresh tensor each time is mapped and zeroed anew by the
-    C library (about half of the 3-4 M page faults of a 16.85 GB conversion), a kept one is not."""
-    if scratch is None:
-        return None
-    shape, dtype = (sum(w.shape[0] for w in weights), *weights[0].shape[1:]), weights[0].dtype
-    buffer = scratch.get("up")
-    if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
-        scratch.pop("up", None)  # freed before the new one is taken
-        buffer = scratch["up"] = torch.empty(shape, dtype=dtype)
-    return buffer
+    return layout.fuse(parts["up"], up_bias, parts["down"][0], down_bias, up_out)
 
 
 def fused_shapes(layout: FfnLayout, shapes: dict[str, list[tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:

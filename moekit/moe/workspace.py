@@ -12,6 +12,7 @@ one call and never return them. At most `LIMIT` bytes are kept per thread; a lar
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -34,9 +35,7 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.
     dtype = like.dtype if dtype is None else dtype
     if like.device.type != "cpu":
         return like.new_empty(shape, dtype=dtype)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     buffers = _buffers()
     key = (name, dtype)
     buffer = buffers.get(key)

@@ -32,7 +32,7 @@ from moekit.io.reader import CheckpointError, CheckpointReader
 from moekit.io.writer import PlannedTensor, plan_shards, write_index, write_shard
 from moekit.modeling.classes import moekit_classes
 from moekit.modeling.meta_model import meta_model, read_config
-from moekit.upcycle.checkpoint_sources import CheckpointSource, LoraSource, checkpoint_source
+from moekit.upcycle.checkpoint_sources import CheckpointSource, LoraSource, checkpoint_source, kept_buffer
 from moekit.upcycle.checks import check_config_matches
 from moekit.upcycle.init import expert_tensors, plugin_expert_inits, router_weight
 from moekit.upcycle.layout import resolve_layers
@@ -245,11 +245,7 @@ def _planned_tensors(plan: _Plan) -> tuple[list[PlannedTensor], dict[int, list[s
         # The MoE layers' stacks share their shapes: one buffer per tensor name, refilled once the previous layer's
         # stack has been written (write_shard writes each tensor before producing the next). A fresh 0.3 GB
         # allocation per layer cost a page fault and a zeroed page per 4 KB: half the conversion's minor faults.
-        shape, dtype = (len(parts), *parts[0].shape), parts[0].dtype
-        buffer = buffers.get(name)
-        if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
-            buffer = buffers[name] = torch.empty(shape, dtype=dtype)
-        return torch.stack(parts, out=buffer)
+        return torch.stack(parts, out=kept_buffer(buffers, name, (len(parts), *parts[0].shape), parts[0].dtype))
 
     def moe_tensors(layer: int) -> list[PlannedTensor]:
         prefix = moe_prefix[layer]
